@@ -1,0 +1,35 @@
+"""keras_gemma: Google's Gemma models in backend-agnostic Keras 3."""
+
+from keras_gemma import layers
+from keras_gemma import samplers
+from keras_gemma.backbone import GemmaBackbone
+from keras_gemma.causal_lm import GemmaCausalLM
+from keras_gemma.causal_lm import token_log_probabilities
+from keras_gemma.config import GemmaConfig
+from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
+from keras_gemma.samplers import BeamSampler
+from keras_gemma.samplers import GreedySampler
+from keras_gemma.samplers import RandomSampler
+from keras_gemma.samplers import Sampler
+from keras_gemma.samplers import TopKSampler
+from keras_gemma.samplers import TopPSampler
+from keras_gemma.tokenizer import GemmaTokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BeamSampler",
+    "GemmaBackbone",
+    "GemmaCausalLM",
+    "GemmaCausalLMPreprocessor",
+    "GemmaConfig",
+    "GemmaTokenizer",
+    "GreedySampler",
+    "RandomSampler",
+    "Sampler",
+    "TopKSampler",
+    "TopPSampler",
+    "layers",
+    "samplers",
+    "token_log_probabilities",
+]

@@ -1,0 +1,39 @@
+"""The one module that branches on the Keras backend."""
+
+import keras
+
+
+def compile_stateless(fn, model):
+    """Compiles `fn(*tensors)`, a pure function of `model`'s weights.
+
+    JAX: `jax.jit` with the weights passed in as arguments, so new weight
+    values (after `fit`, LoRA merges, quantization) never retrace.
+    TensorFlow: a `tf.function` compiled with XLA. PyTorch: eager under
+    `torch.no_grad()` (the decode loop is a Python loop there).
+    The caller caches the result per set of model variables.
+    """
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        variables = list(model.variables)
+
+        @jax.jit
+        def jitted(values, *args):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return fn(*args)
+
+        return lambda *args: jitted([v.value for v in variables], *args)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    if backend == "torch":
+        import torch
+
+        def no_grad(*args):
+            with torch.no_grad():
+                return fn(*args)
+
+        return no_grad
+    return fn

@@ -1,0 +1,186 @@
+"""GemmaBackbone: token ids in, final hidden states out."""
+
+import keras
+from keras import ops
+
+from keras_gemma.config import GemmaConfig
+from keras_gemma.layers import GemmaDecoderBlock
+from keras_gemma.layers import RMSNormalization
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaBackbone(keras.Model):
+    """The Gemma decoder stack, without the language-model head.
+
+    Token embeddings are multiplied by `sqrt(hidden_dim)`, pass through
+    `num_layers` `GemmaDecoderBlock`s and a final `RMSNormalization`. The
+    embedding matrix is tied with the output projection, which
+    `GemmaCausalLM` applies as `token_embedding(hidden, reverse=True)`.
+
+    `compute_hidden_states()` is the one forward pass: `call()` (training, scoring) and
+    cached decoding (`GemmaCausalLM.generate`) both run it.
+
+    Args:
+        vocabulary_size: number of token embeddings.
+        num_layers: number of decoder blocks.
+        num_query_heads: attention query heads.
+        num_key_value_heads: key/value heads; 1 is multi-query (2B), equal to
+            `num_query_heads` is multi-head (7B), a divisor is grouped-query.
+        hidden_dim: model width.
+        intermediate_dim: GeGLU width, both branches together (2B: 32768).
+        head_dim: size of each attention head.
+        layer_norm_epsilon: RMS normalization epsilon.
+        dropout: dropout rate in attention and after each residual branch.
+        dtype: a dtype or `keras.DTypePolicy`, e.g. `"bfloat16"`.
+
+    Example:
+    >>> import numpy as np
+    >>> backbone = GemmaBackbone(vocabulary_size=100, num_layers=2,
+    ...     num_query_heads=4, num_key_value_heads=1, hidden_dim=16,
+    ...     intermediate_dim=32, head_dim=8)
+    >>> hidden = backbone({"token_ids": np.array([[2, 5, 7]]),
+    ...                    "padding_mask": np.array([[1, 1, 1]])})
+    >>> tuple(hidden.shape)
+    (1, 3, 16)
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        num_layers,
+        num_query_heads,
+        num_key_value_heads,
+        hidden_dim,
+        intermediate_dim,
+        head_dim,
+        layer_norm_epsilon=1e-6,
+        dropout=0.0,
+        dtype=None,
+        **kwargs,
+    ):
+        config = GemmaConfig(
+            vocabulary_size=vocabulary_size,
+            num_layers=num_layers,
+            num_query_heads=num_query_heads,
+            num_key_value_heads=num_key_value_heads,
+            hidden_dim=hidden_dim,
+            intermediate_dim=intermediate_dim,
+            head_dim=head_dim,
+            layer_norm_epsilon=layer_norm_epsilon,
+            dropout=dropout,
+        )
+        super().__init__(dtype=dtype, **kwargs)
+        self.config = config
+        policy = self.dtype_policy
+        self.token_embedding = keras.layers.ReversibleEmbedding(
+            vocabulary_size,
+            hidden_dim,
+            tie_weights=True,
+            embeddings_initializer=keras.initializers.VarianceScaling(
+                scale=1.0, mode="fan_in", distribution="untruncated_normal"
+            ),
+            dtype=policy,
+            name="token_embedding",
+        )
+        self.transformer_layers = [
+            GemmaDecoderBlock(
+                intermediate_dim=intermediate_dim,
+                num_query_heads=num_query_heads,
+                num_key_value_heads=num_key_value_heads,
+                head_dim=head_dim,
+                layer_norm_epsilon=layer_norm_epsilon,
+                dropout=dropout,
+                dtype=policy,
+                name=f"decoder_block_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.final_normalization = RMSNormalization(
+            layer_norm_epsilon, dtype=policy, name="final_normalization"
+        )
+        # Build eagerly from shapes: weights exist right after construction
+        # (so they can be loaded) without tracing a symbolic forward pass.
+        hidden_shape = (None, None, hidden_dim)
+        self.token_embedding.build((None, None))
+        for block in self.transformer_layers:
+            block.build(hidden_shape)
+        self.final_normalization.build(hidden_shape)
+        self.built = True
+
+    # Read-only views of the config, named as keras-hub names them.
+    vocabulary_size = property(lambda self: self.config.vocabulary_size)
+    num_layers = property(lambda self: self.config.num_layers)
+    num_query_heads = property(lambda self: self.config.num_query_heads)
+    num_key_value_heads = property(lambda self: self.config.num_key_value_heads)
+    hidden_dim = property(lambda self: self.config.hidden_dim)
+    intermediate_dim = property(lambda self: self.config.intermediate_dim)
+    head_dim = property(lambda self: self.config.head_dim)
+
+    def compute_hidden_states(
+        self,
+        token_ids,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=0,
+        training=None,
+    ):
+        """Runs the decoder stack, optionally reading and writing a KV cache.
+
+        Args:
+            token_ids: `[batch, sequence]` int tokens.
+            padding_mask: optional `[batch, key_length]`, 0 for padding keys.
+                Without a cache the keys are `token_ids`; with one, the cache.
+            cache: optional list (one per layer) of `(keys, values)`, from
+                `empty_cache()`.
+            cache_update_index: position of `token_ids[:, 0]` in the sequence.
+
+        Returns:
+            `(hidden_states, cache)`: `[batch, sequence, hidden_dim]` and the
+            updated cache (`None` if none was given).
+        """
+        x = self.token_embedding(token_ids)
+        # Gemma scales embeddings by sqrt(hidden_dim) in the compute dtype, as
+        # the reference implementations do; in bfloat16 this rounds.
+        x = x * ops.cast(self.config.hidden_dim**0.5, x.dtype)
+        updated_cache = []
+        for i, block in enumerate(self.transformer_layers):
+            if cache is None:
+                x = block(x, padding_mask=padding_mask, training=training)
+            else:
+                x, layer_cache = block(
+                    x,
+                    padding_mask=padding_mask,
+                    cache=cache[i],
+                    cache_update_index=cache_update_index,
+                    training=training,
+                )
+                updated_cache.append(layer_cache)
+        x = self.final_normalization(x)
+        return x, (updated_cache if cache is not None else None)
+
+    def call(self, inputs, training=None):
+        hidden, _ = self.compute_hidden_states(
+            inputs["token_ids"], inputs.get("padding_mask"), training=training
+        )
+        return hidden
+
+    def empty_cache(self, batch_size, max_length):
+        """A zero KV cache for `compute_hidden_states()`: per layer `(keys, values)`."""
+        shape = (
+            batch_size,
+            max_length,
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+        )
+        return [
+            (ops.zeros(shape, self.compute_dtype), ops.zeros(shape, self.compute_dtype))
+            for _ in range(self.config.num_layers)
+        ]
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            **{k: v for k, v in self.config.to_dict().items()},
+        }

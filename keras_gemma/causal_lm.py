@@ -1,0 +1,368 @@
+"""GemmaCausalLM: logits, fit on text, generate, score."""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_gemma import _backend
+from keras_gemma import samplers as samplers_lib
+from keras_gemma.data import adapt_fit_inputs
+from keras_gemma.preprocessor import _as_string_list
+
+# Generation pads sequence lengths up to these buckets, so new prompt lengths
+# or `max_length`s reuse one compiled loop instead of compiling again.
+_MIN_BUCKET = 16
+
+
+def _bucket(length):
+    return max(_MIN_BUCKET, 2 ** math.ceil(math.log2(length)))
+
+
+def token_log_probabilities(logits, target_ids):
+    """`log p(target_ids[b, t])` under `logits[b, t]`, in float32.
+
+    Differentiable, in `keras.ops`: the building block of scoring, policy
+    gradients and KL penalties.
+
+    Example:
+    >>> import numpy as np
+    >>> logits = np.log(np.array([[[0.25, 0.75]]], "float32"))
+    >>> round(float(token_log_probabilities(logits, np.array([[1]]))[0, 0]), 4)
+    -0.2877
+    """
+    log_probabilities = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
+    target_ids = ops.cast(target_ids, "int32")[..., None]
+    return ops.take_along_axis(log_probabilities, target_ids, axis=-1)[..., 0]
+
+
+def _check_token_ids(token_ids, vocabulary_size):
+    token_ids = np.asarray(ops.convert_to_numpy(token_ids))
+    if token_ids.ndim != 2:
+        raise ValueError(
+            "`token_ids` must be a 2-D `[batch, sequence]` array. "
+            f"Received shape {token_ids.shape}."
+        )
+    if not np.issubdtype(token_ids.dtype, np.integer):
+        raise TypeError(f"`token_ids` must be integers. Received dtype {token_ids.dtype}.")
+    if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocabulary_size):
+        bad = token_ids[(token_ids < 0) | (token_ids >= vocabulary_size)]
+        raise ValueError(
+            f"Token ids must be in [0, {vocabulary_size}) for this model's "
+            f"vocabulary; found {sorted(set(bad.tolist()))[:10]}. Check that "
+            "the tokenizer matches the model."
+        )
+    return token_ids.astype("int32")
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaCausalLM(keras.Model):
+    """A Gemma language model: backbone plus the tied output projection.
+
+    Calling the model returns float32 next-token logits. With a
+    `preprocessor`, `fit`, `evaluate` and `generate` take raw strings (or
+    `{"prompts", "responses"}` dicts for supervised fine-tuning); without one
+    they take `{"token_ids", "padding_mask"}` arrays.
+
+    Args:
+        backbone: a `GemmaBackbone`.
+        preprocessor: an optional `GemmaCausalLMPreprocessor`.
+
+    Example:
+    >>> from keras_gemma import GemmaBackbone, GemmaCausalLM
+    >>> from keras_gemma import GemmaCausalLMPreprocessor, GemmaTokenizer
+    >>> from keras_gemma.tokenizer import train_sentencepiece
+    >>> tokenizer = GemmaTokenizer(train_sentencepiece(["the quick fox"] * 50))
+    >>> backbone = GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(),
+    ...     num_layers=1, num_query_heads=2, num_key_value_heads=1,
+    ...     hidden_dim=16, intermediate_dim=32, head_dim=8)
+    >>> lm = GemmaCausalLM(backbone, GemmaCausalLMPreprocessor(tokenizer, 16))
+    >>> history = lm.fit(["the quick fox"] * 4, batch_size=2, verbose=0)
+    >>> isinstance(lm.generate("the", max_length=8), str)
+    True
+    """
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        super().__init__(dtype=backbone.dtype_policy, **kwargs)
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.sampler = samplers_lib.get("greedy")
+        self._generate_functions = {}
+        self.built = True
+
+    def call(self, inputs, training=None):
+        return self.compute_logits(self.backbone(inputs, training=training))
+
+    def compute_logits(self, hidden_states):
+        """Tied output projection, in float32 for a stable softmax and loss."""
+        logits = self.backbone.token_embedding(hidden_states, reverse=True)
+        return ops.cast(logits, "float32")
+
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        *,
+        weighted_metrics="auto",
+        sampler="greedy",
+        **kwargs,
+    ):
+        """`keras.Model.compile` with defaults for fine-tuning a causal LM.
+
+        `"auto"` gives AdamW (learning rate 5e-5, weight decay 0.01, none on
+        norm scales), sparse cross-entropy from logits weighted by the
+        preprocessor's sample weights, and token accuracy.
+        `sampler` is what `generate` uses: a name or a `Sampler`.
+        """
+        if optimizer == "auto":
+            optimizer = keras.optimizers.AdamW(learning_rate=5e-5, weight_decay=0.01)
+            optimizer.exclude_from_weight_decay(var_names=["scale"])
+        if loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if weighted_metrics == "auto":
+            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        super().compile(
+            optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs
+        )
+        self.sampler = samplers_lib.get(sampler)
+        self._generate_functions = {}
+
+    def _ensure_compiled(self):
+        if not self.compiled:
+            self.compile()
+
+    # Training and evaluation take raw text through the preprocessor.
+
+    def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        self._ensure_compiled()
+        x, y, sample_weight, batch_size = adapt_fit_inputs(
+            self.preprocessor, x, y, sample_weight, batch_size, kwargs.get("shuffle", True)
+        )
+        if "validation_data" in kwargs and kwargs["validation_data"] is not None:
+            vx, vy, vsw, _ = adapt_fit_inputs(
+                self.preprocessor, kwargs["validation_data"], None, None, batch_size, False
+            )
+            kwargs["validation_data"] = vx if vy is None else (vx, vy, vsw)
+        return super().fit(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+
+    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        self._ensure_compiled()
+        x, y, sample_weight, batch_size = adapt_fit_inputs(
+            self.preprocessor, x, y, sample_weight, batch_size, False
+        )
+        return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+
+    # Generation.
+
+    def _stop_token_ids(self, stop_token_ids):
+        if stop_token_ids == "auto":
+            if self.preprocessor is None:
+                raise ValueError(
+                    "stop_token_ids='auto' needs a preprocessor to know the end "
+                    "tokens; pass explicit ids (e.g. stop_token_ids=[1]) or None."
+                )
+            tokenizer = self.preprocessor.tokenizer
+            ids = [tokenizer.end_token_id, tokenizer.end_of_turn_id]
+            return tuple(i for i in ids if i is not None)
+        if stop_token_ids is None:
+            return ()
+        ids = tuple(int(i) for i in stop_token_ids)
+        vocabulary_size = self.backbone.vocabulary_size
+        if any(not 0 <= i < vocabulary_size for i in ids):
+            raise ValueError(
+                f"`stop_token_ids` must be in [0, {vocabulary_size}). Received {ids}."
+            )
+        return ids
+
+    def _generate_function(self, prefill_length, stop_token_ids):
+        key = (prefill_length, stop_token_ids, tuple(id(v) for v in self.variables))
+        if key not in self._generate_functions:
+            backbone = self.backbone
+
+            def generate_step(token_ids, prompt_lengths, max_length, seed):
+                batch_size, length = ops.shape(token_ids)
+                cache = backbone.empty_cache(batch_size, length)
+                # Prefill: one pass over the (bucketed) prompts writes the
+                # cache; later steps only compute their new position.
+                _, cache = backbone.compute_hidden_states(
+                    token_ids[:, :prefill_length], cache=cache, cache_update_index=0
+                )
+                prompt_mask = ops.arange(length)[None, :] < prompt_lengths[:, None]
+
+                def next(ids, cache, index):
+                    token = ops.slice(ids, [0, index - 1], [batch_size, 1])
+                    hidden, cache = backbone.compute_hidden_states(
+                        token, cache=cache, cache_update_index=index - 1
+                    )
+                    return self.compute_logits(hidden)[:, 0], cache
+
+                return self.sampler(
+                    next,
+                    token_ids,
+                    cache,
+                    ops.min(prompt_lengths),
+                    prompt_mask,
+                    max_length,
+                    stop_token_ids,
+                    seed,
+                )
+
+            self._generate_functions[key] = _backend.compile_stateless(generate_step, self)
+        return self._generate_functions[key]
+
+    def generate_tokens(self, token_ids, padding_mask, stop_token_ids=()):
+        """Generates into the padding of right-padded `token_ids`.
+
+        Returns `{"token_ids", "padding_mask"}` as NumPy arrays; the mask
+        covers the prompt and generated tokens up to the first stop token.
+        """
+        token_ids = _check_token_ids(token_ids, self.backbone.vocabulary_size)
+        padding_mask = np.asarray(ops.convert_to_numpy(padding_mask)).astype(bool)
+        if padding_mask.shape != token_ids.shape:
+            raise ValueError(
+                "`padding_mask` must have the shape of `token_ids`; received "
+                f"{padding_mask.shape} and {token_ids.shape}."
+            )
+        batch_size, max_length = token_ids.shape
+        prompt_lengths = padding_mask.sum(axis=1).astype("int32")
+        positions = np.arange(max_length)[None, :]
+        if not np.array_equal(padding_mask, positions < prompt_lengths[:, None]):
+            raise ValueError(
+                "Prompts must be right-padded: `padding_mask` must be 1 on a "
+                "prefix of each row and 0 after it."
+            )
+        if prompt_lengths.min() < 1:
+            raise ValueError("Every prompt needs at least one token (e.g. the start token).")
+        if prompt_lengths.max() >= max_length:
+            raise ValueError(
+                f"`max_length`={max_length} must be greater than the longest "
+                f"prompt ({prompt_lengths.max()} tokens) to leave room to generate."
+            )
+        length = _bucket(max_length)
+        padded = np.zeros((batch_size, length), "int32")
+        padded[:, :max_length] = token_ids
+        function = self._generate_function(_bucket(int(prompt_lengths.max())), stop_token_ids)
+        output, seed = function(
+            ops.convert_to_tensor(padded),
+            ops.convert_to_tensor(prompt_lengths),
+            ops.convert_to_tensor(max_length, "int32"),
+            self.sampler.initial_seed(),
+        )
+        if self.sampler.seed_generator is not None:
+            self.sampler.seed_generator.state.assign(seed)
+        output = np.asarray(ops.convert_to_numpy(output))[:, :max_length]
+        # Keep tokens up to and including each row's first generated stop.
+        generated = ~(positions < prompt_lengths[:, None])
+        is_stop = np.isin(output, stop_token_ids) & generated
+        after_stop = (np.cumsum(is_stop, axis=1) - is_stop) > 0
+        return {"token_ids": output, "padding_mask": (~after_stop).astype("int32")}
+
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+        """Generates text (or tokens) from prompts.
+
+        Args:
+            inputs: a prompt string or a list of them (with a preprocessor),
+                or a `{"token_ids", "padding_mask"}` dict of right-padded
+                prompts whose width is the total length to generate to.
+            max_length: total length, prompt included, in tokens; defaults to
+                the preprocessor's `sequence_length`.
+            stop_token_ids: `"auto"` (`<eos>`, and `<end_of_turn>` when the
+                vocabulary has it), a list of ids, or None to never stop early.
+            strip_prompt: return only the generated text.
+
+        Returns:
+            A string for a string prompt, a list for a list, or a token dict.
+        """
+        stop_token_ids = self._stop_token_ids(stop_token_ids)
+        if isinstance(inputs, dict):
+            missing = {"token_ids", "padding_mask"} - set(inputs)
+            if missing:
+                raise ValueError(
+                    "Token inputs must be a dict with 'token_ids' and "
+                    f"'padding_mask'; missing {sorted(missing)}."
+                )
+            outputs = self.generate_tokens(
+                inputs["token_ids"], inputs["padding_mask"], stop_token_ids
+            )
+            if strip_prompt:
+                mask = np.asarray(ops.convert_to_numpy(inputs["padding_mask"])).astype(bool)
+                outputs["padding_mask"] = outputs["padding_mask"] * ~mask
+            return outputs
+        if self.preprocessor is None:
+            raise ValueError(
+                "This model has no preprocessor, so `generate` takes a dict of "
+                "'token_ids' and 'padding_mask', not text. Attach one with "
+                "GemmaCausalLM(backbone, preprocessor=...)."
+            )
+        prompts, single = _as_string_list(inputs, "The prompts")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+            raise ValueError(f"`max_length` must be an integer >= 2. Received: {max_length!r}")
+        batch = self.preprocessor.generate_preprocess(prompts, sequence_length=max_length)
+        outputs = self.generate_tokens(batch["token_ids"], batch["padding_mask"], stop_token_ids)
+        strip_lengths = batch["padding_mask"].sum(axis=1) if strip_prompt else None
+        texts = self.preprocessor.generate_postprocess(
+            outputs, skip_tokens=stop_token_ids, strip_lengths=strip_lengths
+        )
+        return texts[0] if single else texts
+
+    # Scoring.
+
+    def score(self, token_ids, padding_mask=None, scoring_mode="logits", target_ids=None):
+        """Scores given sequences in one forward pass.
+
+        Args:
+            token_ids: `[batch, sequence]` ids.
+            padding_mask: optional `[batch, sequence]`, 1 on real tokens.
+            scoring_mode: `"logits"` (`[batch, sequence, vocab]`), `"loss"`
+                (per-token cross-entropy against `target_ids`, required) or
+                `"log_probs"`: `[batch, sequence]` log-probability of each
+                target, where targets default to the next token
+                (`token_ids[:, t + 1]`); positions without a real target
+                score 0.
+            target_ids: optional `[batch, sequence]` targets.
+
+        Returns:
+            A backend tensor.
+        """
+        modes = ("logits", "loss", "log_probs")
+        if scoring_mode not in modes:
+            raise ValueError(f"`scoring_mode` must be one of {modes}. Received {scoring_mode!r}")
+        token_ids = _check_token_ids(token_ids, self.backbone.vocabulary_size)
+        if padding_mask is None:
+            padding_mask = np.ones_like(token_ids)
+        padding_mask = np.asarray(ops.convert_to_numpy(padding_mask)).astype("int32")
+        logits = self({"token_ids": token_ids, "padding_mask": padding_mask})
+        if scoring_mode == "logits":
+            return logits
+        if target_ids is None:
+            if scoring_mode == "loss":
+                raise ValueError("scoring_mode='loss' needs `target_ids`.")
+            target_ids = np.zeros_like(token_ids)
+            target_ids[:, :-1] = token_ids[:, 1:]
+            valid = np.zeros_like(padding_mask)
+            valid[:, :-1] = padding_mask[:, 1:] * padding_mask[:, :-1]
+        else:
+            target_ids = _check_token_ids(target_ids, self.backbone.vocabulary_size)
+            valid = padding_mask
+        log_probabilities = token_log_probabilities(logits, target_ids)
+        log_probabilities = log_probabilities * ops.cast(valid, "float32")
+        return -log_probabilities if scoring_mode == "loss" else log_probabilities
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "preprocessor": keras.saving.serialize_keras_object(self.preprocessor),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        if config.get("preprocessor") is not None:
+            config["preprocessor"] = keras.saving.deserialize_keras_object(
+                config["preprocessor"]
+            )
+        return cls(**config)

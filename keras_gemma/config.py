@@ -1,0 +1,112 @@
+"""The one place Gemma's hyperparameters live, validated once."""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+    """Architecture hyperparameters of a Gemma backbone.
+
+    `intermediate_dim` counts both GeGLU branches together, as Gemma's
+    published configs do (2B: 32768), so each branch is half of it.
+
+    Example:
+    >>> config = GemmaConfig(vocabulary_size=256000, num_layers=18,
+    ...     num_query_heads=8, num_key_value_heads=1, hidden_dim=2048,
+    ...     intermediate_dim=32768, head_dim=256)
+    >>> config.num_parameters()
+    2506172416
+    """
+
+    vocabulary_size: int
+    num_layers: int
+    num_query_heads: int
+    num_key_value_heads: int
+    hidden_dim: int
+    intermediate_dim: int
+    head_dim: int
+    layer_norm_epsilon: float = 1e-6
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        positive = (
+            "vocabulary_size",
+            "num_layers",
+            "num_query_heads",
+            "num_key_value_heads",
+            "hidden_dim",
+            "intermediate_dim",
+            "head_dim",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"`{name}` must be a positive integer. Received: {name}={value!r}"
+                )
+        if self.num_query_heads % self.num_key_value_heads:
+            raise ValueError(
+                "`num_query_heads` must be a multiple of `num_key_value_heads` "
+                "(each key/value head serves a whole group of query heads). "
+                f"Received: num_query_heads={self.num_query_heads}, "
+                f"num_key_value_heads={self.num_key_value_heads}. Use "
+                "num_key_value_heads=1 for multi-query attention or "
+                "num_key_value_heads=num_query_heads for multi-head attention."
+            )
+        if self.intermediate_dim % 2:
+            raise ValueError(
+                "`intermediate_dim` counts both GeGLU branches and must be even. "
+                f"Received: intermediate_dim={self.intermediate_dim}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                "`head_dim` must be even for rotary embeddings. "
+                f"Received: head_dim={self.head_dim}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1). Received: {self.dropout}")
+        if self.layer_norm_epsilon <= 0:
+            raise ValueError(
+                "`layer_norm_epsilon` must be positive. "
+                f"Received: {self.layer_norm_epsilon}"
+            )
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def weight_shapes(self):
+        """Every weight of the backbone by variable path, with its shape.
+
+        Weight files are checked against this before anything is loaded, and
+        the parameter count comes from it, so no weights need allocating.
+        """
+        d, h = self.hidden_dim, self.head_dim
+        n, kv = self.num_query_heads, self.num_key_value_heads
+        f = self.intermediate_dim // 2
+        shapes = {"token_embedding/embeddings": (self.vocabulary_size, d)}
+        for i in range(self.num_layers):
+            block = f"decoder_block_{i}"
+            shapes.update(
+                {
+                    f"{block}/pre_attention_norm/scale": (d,),
+                    f"{block}/attention/query/kernel": (n, d, h),
+                    f"{block}/attention/key/kernel": (kv, d, h),
+                    f"{block}/attention/value/kernel": (kv, d, h),
+                    f"{block}/attention/attention_output/kernel": (n, h, d),
+                    f"{block}/pre_ffw_norm/scale": (d,),
+                    f"{block}/feed_forward/ffw_gating/kernel": (d, f),
+                    f"{block}/feed_forward/ffw_gating_2/kernel": (d, f),
+                    f"{block}/feed_forward/ffw_linear/kernel": (f, d),
+                }
+            )
+        shapes["final_normalization/scale"] = (d,)
+        return shapes
+
+    def num_parameters(self):
+        total = 0
+        for shape in self.weight_shapes().values():
+            count = 1
+            for dim in shape:
+                count *= dim
+            total += count
+        return total

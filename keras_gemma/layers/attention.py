@@ -1,0 +1,148 @@
+import keras
+from keras import ops
+
+from keras_gemma.layers.projection import projection
+from keras_gemma.layers.rotary_embedding import RotaryEmbedding
+
+# Masked logits get this instead of -inf: a fully masked row (a padding query)
+# then softmaxes to a harmless uniform average instead of NaN.
+_MASKED_LOGIT = -1e9
+
+
+def attention_mask(query_length, key_length, start_index=0, padding_mask=None):
+    """Boolean `[batch or 1, query, key]` mask: causal, plus padding if given.
+
+    Query `i` sits at position `start_index + i` and may see keys at positions
+    up to its own; with a key/value cache the keys are the whole cache, so
+    slots not yet written (later positions) are hidden by the same rule.
+    """
+    query_positions = ops.arange(query_length) + start_index
+    key_positions = ops.arange(key_length)
+    mask = key_positions[None, :] <= query_positions[:, None]  # [t, s]
+    mask = mask[None]  # [1, t, s]
+    if padding_mask is not None:
+        mask = ops.logical_and(mask, ops.cast(padding_mask, "bool")[:, None, :])
+    return mask
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaAttention(keras.layers.Layer):
+    """Multi-query, grouped-query or multi-head attention with a KV cache.
+
+    `num_key_value_heads=1` is multi-query (Gemma 2B), equal to
+    `num_query_heads` is multi-head (Gemma 7B), and any divisor in between is
+    grouped-query: query head `i` reads key/value head
+    `i // (num_query_heads // num_key_value_heads)`. Queries are scaled by
+    `head_dim ** -0.5` and the softmax runs in float32.
+
+    With a cache, the new keys and values are written into it at
+    `cache_update_index` (`slice_update`, in place under XLA) and the queries
+    attend over the whole cache, so a decode step never recomputes the prefix.
+
+    Args:
+        num_query_heads: number of query heads.
+        num_key_value_heads: number of key/value heads; divides the former.
+        head_dim: size of each head.
+        dropout: dropout rate on attention probabilities while training.
+        kernel_initializer: initializer of the four projections.
+
+    Call arguments:
+        x: `[batch, sequence, hidden_dim]` inputs.
+        padding_mask: optional `[batch, key_length]`; 0 hides a key.
+        cache: optional `(key_cache, value_cache)`, each
+            `[batch, max_length, num_key_value_heads, head_dim]`.
+        cache_update_index: position of `x[:, 0]` in the sequence.
+
+    Returns:
+        `[batch, sequence, hidden_dim]`, and the updated cache if one was given.
+
+    Example:
+    >>> import numpy as np
+    >>> attention = GemmaAttention(num_query_heads=4, num_key_value_heads=1,
+    ...                            head_dim=8)
+    >>> attention(np.ones((2, 5, 16), "float32")).shape
+    (2, 5, 16)
+    """
+
+    def __init__(
+        self,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        dropout=0.0,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_query_heads % num_key_value_heads:
+            raise ValueError(
+                "`num_query_heads` must be a multiple of `num_key_value_heads`. "
+                f"Received: num_query_heads={num_query_heads}, "
+                f"num_key_value_heads={num_key_value_heads}"
+            )
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        n, kv, h = self.num_query_heads, self.num_key_value_heads, self.head_dim
+        init, policy = self.kernel_initializer, self.dtype_policy
+        self.query_dense = projection("btd,ndh->btnh", (None, n, h), init, policy, "query")
+        self.key_dense = projection("bsd,kdh->bskh", (None, kv, h), init, policy, "key")
+        self.value_dense = projection("bsd,kdh->bskh", (None, kv, h), init, policy, "value")
+        self.output_dense = projection(
+            "btnh,nhd->btd", (None, hidden_dim), init, policy, "attention_output"
+        )
+        for layer in (self.query_dense, self.key_dense, self.value_dense):
+            layer.build(input_shape)
+        self.output_dense.build((None, None, n, h))
+        self.rotary_embedding = RotaryEmbedding(dtype=policy)
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=policy)
+
+    def call(
+        self, x, padding_mask=None, cache=None, cache_update_index=0, training=None
+    ):
+        query = self.rotary_embedding(self.query_dense(x), start_index=cache_update_index)
+        key = self.rotary_embedding(self.key_dense(x), start_index=cache_update_index)
+        value = self.value_dense(x)
+        if cache is not None:
+            key_cache, value_cache = cache
+            start = [0, cache_update_index, 0, 0]
+            key = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
+            value = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
+            cache = (key, value)
+        mask = attention_mask(
+            ops.shape(x)[1], ops.shape(key)[1], cache_update_index, padding_mask
+        )
+        output = self.output_dense(self._attend(query, key, value, mask, training))
+        return output if cache is None else (output, cache)
+
+    def _attend(self, query, key, value, mask, training):
+        batch, length = ops.shape(query)[0], ops.shape(query)[1]
+        kv, h = self.num_key_value_heads, self.head_dim
+        groups = self.num_query_heads // kv
+        query = query * ops.cast(h**-0.5, query.dtype)
+        query = ops.reshape(query, (batch, length, kv, groups, h))
+        logits = ops.einsum("btkgh,bskh->bkgts", query, key)
+        logits = ops.cast(logits, "float32")
+        logits = ops.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
+        probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
+        probabilities = self.dropout_layer(probabilities, training=training)
+        output = ops.einsum("bkgts,bskh->btkgh", probabilities, value)
+        return ops.reshape(output, (batch, length, self.num_query_heads, h))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "dropout": self.dropout,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }

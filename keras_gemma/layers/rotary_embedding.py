@@ -1,0 +1,48 @@
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class RotaryEmbedding(keras.layers.Layer):
+    """Rotary position embedding (RoPE) in Gemma's half-split layout.
+
+    Feature `i` is rotated together with feature `i + head_dim / 2` (not with
+    its neighbour), by an angle `position * max_wavelength ** (-2i/head_dim)`.
+    Angles are computed in float32: positions up to 8192 times the highest
+    frequency overflow bfloat16's few mantissa bits.
+
+    Args:
+        max_wavelength: the base of the geometric frequency progression.
+
+    Call arguments:
+        x: `[batch, sequence, heads, head_dim]` queries or keys.
+        start_index: position of `x[:, 0]` in the whole sequence; non-zero when
+            decoding with a cache.
+
+    Example:
+    >>> import numpy as np
+    >>> rope = RotaryEmbedding()
+    >>> rope(np.ones((1, 4, 2, 8), "float32"), start_index=3).shape
+    (1, 4, 2, 8)
+    """
+
+    def __init__(self, max_wavelength=10000.0, **kwargs):
+        super().__init__(**kwargs)
+        self.max_wavelength = max_wavelength
+
+    def call(self, x, start_index=0):
+        head_dim = ops.shape(x)[-1]
+        seq_len = ops.shape(x)[1]
+        exponents = ops.arange(0, head_dim, 2, dtype="float32") / head_dim
+        inverse_frequencies = 1.0 / ops.power(self.max_wavelength, exponents)
+        positions = ops.arange(seq_len, dtype="float32")
+        positions = positions + ops.cast(start_index, "float32")
+        angles = positions[:, None] * inverse_frequencies[None, :]  # [t, h/2]
+        cos = ops.cos(angles)[None, :, None, :]  # [1, t, 1, h/2]
+        sin = ops.sin(angles)[None, :, None, :]
+        x1, x2 = ops.split(ops.cast(x, "float32"), 2, axis=-1)
+        rotated = ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return ops.cast(rotated, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "max_wavelength": self.max_wavelength}

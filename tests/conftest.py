@@ -1,0 +1,33 @@
+"""Shared pytest fixtures."""
+
+import pytest
+
+# Enough varied text for a few hundred BPE merges, including the chat
+# template, digits and runs of whitespace that Gemma prompts contain.
+TOKENIZER_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "She sells sea shells by the sea shore, and the shells she sells are sea shells.",
+    "How much wood would a woodchuck chuck if a woodchuck could chuck wood?",
+    "Peter Piper picked a peck of pickled peppers.",
+    "To be, or not to be, that is the question.",
+    "All that glitters is not gold; all who wander are not lost.",
+    "What is 12 plus 30? 12 plus 30 is 42.",
+    "In 1969, 3 astronauts flew 384400 kilometres to the Moon.",
+    "<start_of_turn>user\nWhat color is a banana?<end_of_turn>\n"
+    "<start_of_turn>model\nA banana is yellow.<end_of_turn>",
+    "<start_of_turn>user\nTranslate cat to French.<end_of_turn>\n"
+    "<start_of_turn>model\nchat<end_of_turn>",
+    "def tokenize(text):\n    return text.split()\n",
+    "Keras runs on JAX, PyTorch and TensorFlow.",
+    "Café, naïve, résumé and jalapeño are borrowed words.",
+]
+TOKENIZER_VOCABULARY_SIZE = 384
+
+
+@pytest.fixture(scope="session")
+def vocab_proto():
+    """Serialized Gemma-style SentencePiece model trained on a tiny corpus."""
+    from keras_gemma.tokenizer import train_sentencepiece
+
+    return train_sentencepiece(TOKENIZER_CORPUS, TOKENIZER_VOCABULARY_SIZE)
