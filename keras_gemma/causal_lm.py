@@ -122,9 +122,7 @@ class GemmaCausalLM(keras.Model):
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-        super().compile(
-            optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs
-        )
+        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
         self.sampler = samplers_lib.get(sampler)
         self._generate_functions = {}
 
@@ -170,9 +168,7 @@ class GemmaCausalLM(keras.Model):
         ids = tuple(int(i) for i in stop_token_ids)
         vocabulary_size = self.backbone.vocabulary_size
         if any(not 0 <= i < vocabulary_size for i in ids):
-            raise ValueError(
-                f"`stop_token_ids` must be in [0, {vocabulary_size}). Received {ids}."
-            )
+            raise ValueError(f"`stop_token_ids` must be in [0, {vocabulary_size}). Received {ids}.")
         return ids
 
     def _generate_function(self, prefill_length, stop_token_ids):
@@ -362,7 +358,5 @@ class GemmaCausalLM(keras.Model):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         if config.get("preprocessor") is not None:
-            config["preprocessor"] = keras.saving.deserialize_keras_object(
-                config["preprocessor"]
-            )
+            config["preprocessor"] = keras.saving.deserialize_keras_object(config["preprocessor"])
         return cls(**config)

@@ -41,9 +41,7 @@ class GemmaConfig:
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(
-                    f"`{name}` must be a positive integer. Received: {name}={value!r}"
-                )
+                raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
         if self.num_query_heads % self.num_key_value_heads:
             raise ValueError(
                 "`num_query_heads` must be a multiple of `num_key_value_heads` "
@@ -60,15 +58,13 @@ class GemmaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(
-                "`head_dim` must be even for rotary embeddings. "
-                f"Received: head_dim={self.head_dim}"
+                f"`head_dim` must be even for rotary embeddings. Received: head_dim={self.head_dim}"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1). Received: {self.dropout}")
         if self.layer_norm_epsilon <= 0:
             raise ValueError(
-                "`layer_norm_epsilon` must be positive. "
-                f"Received: {self.layer_norm_epsilon}"
+                f"`layer_norm_epsilon` must be positive. Received: {self.layer_norm_epsilon}"
             )
 
     def to_dict(self):

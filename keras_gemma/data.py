@@ -88,17 +88,13 @@ def _map_tf_dataset(dataset, preprocessor, batch_size):
 
     def mapped(element):
         columns = [element[k] for k in keys] if keys else [element]
-        outputs = tf.numpy_function(
-            preprocess, columns, (tf.int32, tf.int32, tf.int32, tf.float32)
-        )
+        outputs = tf.numpy_function(preprocess, columns, (tf.int32, tf.int32, tf.int32, tf.float32))
         for tensor in outputs:
             tensor.set_shape((None, length))
         token_ids, padding_mask, labels, weights = outputs
         return {"token_ids": token_ids, "padding_mask": padding_mask}, labels, weights
 
-    return dataset.map(mapped, num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-        tf.data.AUTOTUNE
-    )
+    return dataset.map(mapped, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def adapt_fit_inputs(preprocessor, x, y, sample_weight, batch_size, shuffle):

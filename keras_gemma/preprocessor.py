@@ -20,8 +20,7 @@ def _as_string_list(inputs, what):
             inputs = inputs.tolist()
         elif not isinstance(inputs, (list, tuple)):
             raise TypeError(
-                f"{what} must be a string or a list of strings. "
-                f"Received: {type(inputs).__name__}"
+                f"{what} must be a string or a list of strings. Received: {type(inputs).__name__}"
             )
     if len(inputs) == 0:
         raise ValueError(f"{what} is empty: pass at least one string.")
@@ -31,8 +30,7 @@ def _as_string_list(inputs, what):
             item = item.decode("utf-8")
         if not isinstance(item, str):
             raise TypeError(
-                f"{what} must contain only strings; item {i} is "
-                f"{type(item).__name__}: {item!r}"
+                f"{what} must contain only strings; item {i} is {type(item).__name__}: {item!r}"
             )
         strings.append(item)
     return strings, single
@@ -69,13 +67,10 @@ class GemmaCausalLMPreprocessor:
     ((1, 8), (1, 8))
     """
 
-    def __init__(
-        self, tokenizer, sequence_length=1024, add_start_token=True, add_end_token=True
-    ):
+    def __init__(self, tokenizer, sequence_length=1024, add_start_token=True, add_end_token=True):
         if not isinstance(sequence_length, int) or sequence_length < 1:
             raise ValueError(
-                "`sequence_length` must be a positive integer. "
-                f"Received: {sequence_length!r}"
+                f"`sequence_length` must be a positive integer. Received: {sequence_length!r}"
             )
         self.tokenizer = tokenizer
         self.sequence_length = sequence_length

@@ -72,9 +72,7 @@ class Sampler:
             token = self.get_next_token(probabilities)
         return token, scope.get_current_value(state)
 
-    def __call__(
-        self, next, prompt, cache, index, mask, max_length, stop_token_ids=(), seed=None
-    ):
+    def __call__(self, next, prompt, cache, index, mask, max_length, stop_token_ids=(), seed=None):
         """Fills `prompt` from `index` up to `max_length`.
 
         Args:
@@ -106,9 +104,7 @@ class Sampler:
             token, seed = self._draw(self.compute_probabilities(logits), seed)
             token = ops.cast(token, prompt.dtype)
             # Positions still inside a (longer) prompt keep the prompt token.
-            token = ops.where(
-                ops.take(mask, index, axis=1), ops.take(prompt, index, axis=1), token
-            )
+            token = ops.where(ops.take(mask, index, axis=1), ops.take(prompt, index, axis=1), token)
             prompt = ops.slice_update(prompt, [0, index], token[:, None])
             return prompt, cache, index + 1, seed
 
@@ -144,9 +140,7 @@ class _SeededSampler(Sampler):
     def _categorical(self, probabilities):
         """One draw per row, `[batch]` int32."""
         logits = ops.log(ops.maximum(probabilities, 1e-30))
-        sample = keras.random.categorical(
-            logits, 1, seed=self.seed_generator, dtype="int32"
-        )
+        sample = keras.random.categorical(logits, 1, seed=self.seed_generator, dtype="int32")
         return sample[:, 0]
 
     def get_config(self):
@@ -244,14 +238,10 @@ class BeamSampler(Sampler):
     def __init__(self, num_beams=5, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(num_beams, int) or num_beams < 1:
-            raise ValueError(
-                f"`num_beams` must be a positive integer. Received: {num_beams!r}"
-            )
+            raise ValueError(f"`num_beams` must be a positive integer. Received: {num_beams!r}")
         self.num_beams = num_beams
 
-    def __call__(
-        self, next, prompt, cache, index, mask, max_length, stop_token_ids=(), seed=None
-    ):
+    def __call__(self, next, prompt, cache, index, mask, max_length, stop_token_ids=(), seed=None):
         beams = self.num_beams
         batch = ops.shape(prompt)[0]
 

@@ -31,3 +31,53 @@ def vocab_proto():
     from keras_gemma.tokenizer import train_sentencepiece
 
     return train_sentencepiece(TOKENIZER_CORPUS, TOKENIZER_VOCABULARY_SIZE)
+
+
+# Tiny architectures covering each attention layout Gemma can take.
+TINY_CONFIGS = {
+    "mqa": dict(num_query_heads=4, num_key_value_heads=1),
+    "gqa": dict(num_query_heads=4, num_key_value_heads=2),
+    "mha": dict(num_query_heads=4, num_key_value_heads=4),
+}
+
+
+def tiny_backbone_kwargs(layout="mqa", vocabulary_size=TOKENIZER_VOCABULARY_SIZE, **overrides):
+    kwargs = dict(
+        vocabulary_size=vocabulary_size,
+        num_layers=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        head_dim=8,
+        **TINY_CONFIGS[layout],
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_backbone(layout="mqa", seed=0, **overrides):
+    """A tiny backbone with deterministic random weights (norm scales too)."""
+    import keras
+    import numpy as np
+
+    from keras_gemma import GemmaBackbone
+
+    keras.utils.set_random_seed(seed)
+    backbone = GemmaBackbone(**tiny_backbone_kwargs(layout, **overrides))
+    rng = np.random.default_rng(seed)
+    for variable in backbone.weights:
+        if variable.path.endswith("scale"):
+            # Non-zero scales, so the `1 + scale` convention is exercised.
+            variable.assign(rng.normal(0, 0.5, variable.shape).astype("float32"))
+    return backbone
+
+
+@pytest.fixture(scope="session")
+def tokenizer(vocab_proto):
+    from keras_gemma import GemmaTokenizer
+
+    return GemmaTokenizer(vocab_proto)
+
+
+@pytest.fixture(scope="module", params=["mqa", "mha"])
+def layout(request):
+    return request.param

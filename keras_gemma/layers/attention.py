@@ -102,9 +102,7 @@ class GemmaAttention(keras.layers.Layer):
         self.rotary_embedding = RotaryEmbedding(dtype=policy)
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=policy)
 
-    def call(
-        self, x, padding_mask=None, cache=None, cache_update_index=0, training=None
-    ):
+    def call(self, x, padding_mask=None, cache=None, cache_update_index=0, training=None):
         query = self.rotary_embedding(self.query_dense(x), start_index=cache_update_index)
         key = self.rotary_embedding(self.key_dense(x), start_index=cache_update_index)
         value = self.value_dense(x)
@@ -114,9 +112,7 @@ class GemmaAttention(keras.layers.Layer):
             key = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
             value = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
             cache = (key, value)
-        mask = attention_mask(
-            ops.shape(x)[1], ops.shape(key)[1], cache_update_index, padding_mask
-        )
+        mask = attention_mask(ops.shape(x)[1], ops.shape(key)[1], cache_update_index, padding_mask)
         output = self.output_dense(self._attend(query, key, value, mask, training))
         return output if cache is None else (output, cache)
 

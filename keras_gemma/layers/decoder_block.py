@@ -60,7 +60,12 @@ class GemmaDecoderBlock(keras.layers.Layer):
             name="feed_forward",
         )
         self.residual_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
-        for layer in (self.pre_attention_norm, self.attention, self.pre_ffw_norm, self.feed_forward):
+        for layer in (
+            self.pre_attention_norm,
+            self.attention,
+            self.pre_ffw_norm,
+            self.feed_forward,
+        ):
             layer.build(input_shape)
 
     def call(self, x, padding_mask=None, cache=None, cache_update_index=0, training=None):

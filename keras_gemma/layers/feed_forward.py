@@ -1,5 +1,4 @@
 import keras
-from keras import ops
 
 from keras_gemma.layers.projection import projection
 
@@ -31,8 +30,11 @@ class GemmaFeedForward(keras.layers.Layer):
 
         def dense(name, equation, output_dim):
             return projection(
-                equation, (None, output_dim), self.kernel_initializer,
-                self.dtype_policy, name,
+                equation,
+                (None, output_dim),
+                self.kernel_initializer,
+                self.dtype_policy,
+                name,
             )
 
         self.ffw_gating = dense("ffw_gating", "btd,df->btf", branch_dim)

@@ -25,9 +25,7 @@ class RMSNormalization(keras.layers.Layer):
         self.epsilon = epsilon
 
     def build(self, input_shape):
-        self.scale = self.add_weight(
-            name="scale", shape=(input_shape[-1],), initializer="zeros"
-        )
+        self.scale = self.add_weight(name="scale", shape=(input_shape[-1],), initializer="zeros")
 
     def call(self, x):
         scale = 1.0 + ops.cast(self.scale, "float32")

@@ -1,0 +1,127 @@
+import keras
+import numpy as np
+import pytest
+from helpers import assert_close
+from helpers import assert_config_round_trip
+from helpers import to_numpy
+
+from keras_gemma.layers import GemmaAttention
+from keras_gemma.layers import GemmaDecoderBlock
+from keras_gemma.layers import GemmaFeedForward
+from keras_gemma.layers import RMSNormalization
+from keras_gemma.layers import RotaryEmbedding
+
+
+def test_rms_normalization_matches_hand_computation():
+    x = np.array([[[1.0, 2.0, 3.0, 4.0]]], "float32")
+    norm = RMSNormalization(epsilon=1e-6)
+    norm.build(x.shape)
+    norm.scale.assign(np.array([0.0, 1.0, -0.5, 2.0], "float32"))
+    rms = np.sqrt((1 + 4 + 9 + 16) / 4 + 1e-6)
+    expected = x / rms * np.array([1.0, 2.0, 0.5, 3.0])
+    assert_close(norm(x), expected, atol=1e-6)
+
+
+def test_rms_normalization_computes_in_float32_under_bfloat16():
+    # Large, nearly equal values: squaring them in bfloat16 loses the spread.
+    x = np.linspace(300.0, 301.0, 16, dtype="float32")[None, None]
+    norm = RMSNormalization(dtype="bfloat16")
+    out = norm(x)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    expected = x / np.sqrt(np.mean(x**2) + 1e-6)
+    assert_close(keras.ops.cast(out, "float32"), expected, atol=8e-3)
+
+
+def test_rotary_embedding_matches_hand_rotation():
+    head_dim, base = 4, 10000.0
+    x = np.random.default_rng(0).normal(size=(1, 3, 1, head_dim)).astype("float32")
+    out = to_numpy(RotaryEmbedding(max_wavelength=base)(x, start_index=5))
+    for t in range(3):
+        position = 5 + t
+        for i in range(head_dim // 2):
+            angle = position * base ** (-2 * i / head_dim)
+            a, b = x[0, t, 0, i], x[0, t, 0, i + head_dim // 2]
+            np.testing.assert_allclose(
+                out[0, t, 0, [i, i + head_dim // 2]],
+                [a * np.cos(angle) - b * np.sin(angle), b * np.cos(angle) + a * np.sin(angle)],
+                atol=1e-5,
+            )
+
+
+def test_rotary_offset_equals_position_in_longer_sequence():
+    x = np.random.default_rng(1).normal(size=(2, 6, 3, 8)).astype("float32")
+    rope = RotaryEmbedding()
+    assert_close(rope(x[:, 4:], start_index=4), to_numpy(rope(x))[:, 4:], atol=1e-5)
+
+
+def test_attention_matches_numpy_reference_with_groups():
+    rng = np.random.default_rng(2)
+    n, kv, h, d, t = 4, 2, 8, 16, 5
+    layer = GemmaAttention(num_query_heads=n, num_key_value_heads=kv, head_dim=h)
+    x = rng.normal(size=(2, t, d)).astype("float32")
+    padding = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    out = to_numpy(layer(x, padding_mask=padding))
+
+    rope = RotaryEmbedding()
+    q = to_numpy(rope(np.einsum("btd,ndh->btnh", x, to_numpy(layer.query_dense.kernel))))
+    k = to_numpy(rope(np.einsum("btd,kdh->btkh", x, to_numpy(layer.key_dense.kernel))))
+    v = np.einsum("btd,kdh->btkh", x, to_numpy(layer.value_dense.kernel))
+    expected = np.zeros((2, t, n, h), "float32")
+    for b in range(2):
+        for head in range(n):
+            g = head // (n // kv)  # query head -> its key/value head
+            logits = q[b, :, head] @ k[b, :, g].T / np.sqrt(h)
+            allowed = np.tril(np.ones((t, t), bool)) & padding[b][None, :].astype(bool)
+            logits = np.where(allowed, logits, -1e9)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            expected[b, :, head] = p @ v[b, :, g]
+    expected = np.einsum("btnh,nhd->btd", expected, to_numpy(layer.output_dense.kernel))
+    # Padded query rows are irrelevant; compare the real ones.
+    np.testing.assert_allclose(out[0], expected[0], atol=1e-5)
+    np.testing.assert_allclose(out[1, :3], expected[1, :3], atol=1e-5)
+
+
+def test_attention_cache_step_equals_full_pass():
+    rng = np.random.default_rng(3)
+    layer = GemmaAttention(num_query_heads=4, num_key_value_heads=1, head_dim=8)
+    x = rng.normal(size=(1, 6, 16)).astype("float32")
+    full = to_numpy(layer(x))
+    cache = (np.zeros((1, 8, 1, 8), "float32"), np.zeros((1, 8, 1, 8), "float32"))
+    _, cache = layer(x[:, :4], cache=cache, cache_update_index=0)
+    for i in (4, 5):
+        step, cache = layer(x[:, i : i + 1], cache=cache, cache_update_index=i)
+        assert_close(step[:, 0], full[:, i], atol=1e-5)
+
+
+def test_feed_forward_is_geglu():
+    layer = GemmaFeedForward(intermediate_dim=12)
+    x = np.random.default_rng(4).normal(size=(1, 2, 6)).astype("float32")
+    out = layer(x)
+    gate = x @ to_numpy(layer.ffw_gating.kernel)
+    up = x @ to_numpy(layer.ffw_gating_2.kernel)
+    gelu = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
+    assert_close(out, (gelu * up) @ to_numpy(layer.ffw_linear.kernel), atol=1e-5)
+    assert layer.ffw_gating.kernel.shape == (6, 6)  # half of intermediate_dim
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        RMSNormalization(epsilon=1e-5),
+        RotaryEmbedding(max_wavelength=500.0),
+        GemmaFeedForward(intermediate_dim=16),
+        GemmaAttention(num_query_heads=4, num_key_value_heads=2, head_dim=8, dropout=0.1),
+        GemmaDecoderBlock(
+            intermediate_dim=16, num_query_heads=2, num_key_value_heads=1, head_dim=4
+        ),
+    ],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_layer_config_round_trip(layer):
+    assert_config_round_trip(layer)
+
+
+def test_attention_rejects_ungroupable_heads():
+    with pytest.raises(ValueError, match="multiple of `num_key_value_heads`"):
+        GemmaAttention(num_query_heads=3, num_key_value_heads=2, head_dim=8)
