@@ -187,7 +187,8 @@ class GemmaCausalLM(keras.Model):
                 prompt_mask = ops.arange(length)[None, :] < prompt_lengths[:, None]
 
                 def next(ids, cache, index):
-                    token = ops.slice(ids, [0, index - 1], [batch_size, 1])
+                    # Beam search widens the batch, so read it from `ids`.
+                    token = ops.slice(ids, [0, index - 1], [ops.shape(ids)[0], 1])
                     hidden, cache = backbone.compute_hidden_states(
                         token, cache=cache, cache_update_index=index - 1
                     )

@@ -1,0 +1,81 @@
+import keras
+import numpy as np
+import pytest
+from conftest import make_backbone
+from helpers import assert_close
+from helpers import assert_config_round_trip
+from helpers import to_numpy
+
+from keras_gemma import GemmaBackbone
+from keras_gemma import GemmaCausalLM
+from keras_gemma import GemmaCausalLMPreprocessor
+
+INPUTS = {
+    "token_ids": np.array([[2, 10, 11, 12, 13, 14], [2, 20, 21, 0, 0, 0]], "int32"),
+    "padding_mask": np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], "int32"),
+}
+
+
+def test_config_round_trip(layout):
+    backbone = make_backbone(layout)
+    clone = assert_config_round_trip(backbone)
+    assert clone.config == backbone.config
+
+
+def test_keras_file_round_trip_gives_identical_outputs(tmp_path, tokenizer):
+    lm = GemmaCausalLM(make_backbone("mqa"), GemmaCausalLMPreprocessor(tokenizer, 16))
+    path = tmp_path / "model.keras"
+    lm.save(path)
+    restored = keras.saving.load_model(path)
+    assert isinstance(restored, GemmaCausalLM)
+    np.testing.assert_array_equal(to_numpy(restored(INPUTS)), to_numpy(lm(INPUTS)))
+    assert restored.preprocessor.tokenizer.proto == tokenizer.proto
+
+
+def test_right_padding_does_not_change_real_positions():
+    backbone = make_backbone("mha")
+    padded = to_numpy(backbone(INPUTS))
+    alone = to_numpy(
+        backbone({"token_ids": INPUTS["token_ids"][1:, :3], "padding_mask": np.ones((1, 3))})
+    )
+    np.testing.assert_allclose(padded[1, :3], alone[0], atol=1e-5)
+
+
+def test_cached_decoding_equals_full_recomputation(layout):
+    """Logits of each position fed one at a time through the cache equal the
+    full forward pass over the same sequence."""
+    backbone = make_backbone(layout)
+    lm = GemmaCausalLM(backbone)
+    token_ids = INPUTS["token_ids"][:1]
+    full = to_numpy(lm({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}))
+    cache = backbone.empty_cache(1, 8)
+    hidden, cache = backbone.compute_hidden_states(token_ids[:, :2], cache=cache)
+    steps = [to_numpy(lm.compute_logits(hidden))[:, i] for i in range(2)]
+    for i in range(2, token_ids.shape[1]):
+        hidden, cache = backbone.compute_hidden_states(
+            token_ids[:, i : i + 1], cache=cache, cache_update_index=i
+        )
+        steps.append(to_numpy(lm.compute_logits(hidden))[:, 0])
+    np.testing.assert_allclose(np.stack(steps, axis=1), full, atol=1e-4)
+
+
+def test_bfloat16_backbone_runs_in_bfloat16():
+    backbone = make_backbone("mqa", dtype="bfloat16")
+    out = backbone(INPUTS)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert all(
+        keras.backend.standardize_dtype(v.dtype) == "bfloat16" for v in backbone.weights
+    )
+    float32 = make_backbone("mqa")
+    for low, high in zip(backbone.weights, float32.weights):
+        low.assign(keras.ops.cast(high, "bfloat16"))
+    # Same weights up to rounding: outputs close, not equal.
+    low_out = to_numpy(keras.ops.cast(backbone(INPUTS), "float32"))
+    high_out = to_numpy(float32(INPUTS))
+    assert not np.array_equal(low_out, high_out)
+    np.testing.assert_allclose(low_out, high_out, atol=0.15)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="multiple of"):
+        GemmaBackbone(100, 1, 3, 2, 16, 32, 8)
