@@ -1,0 +1,220 @@
+"""Loading and saving Gemma presets in the Keras (Kaggle) and Hugging Face layouts.
+
+`from_preset` / `save_to_preset` on the model classes call these. A preset
+is a name from `keras_gemma.presets.PRESETS`, `kaggle://...`, `hf://...` or
+a local directory in either layout, detected from its `config.json`.
+
+Loading checks every tensor's shape against `GemmaConfig.weight_shapes()`
+before any weight is read, checks the tokenizer against the config's
+vocabulary size, then reads tensors one at a time into the model's
+variables, so a failure never returns a half-loaded model and memory stays
+near one copy of the weights. Only JSON, H5 and safetensors are read:
+nothing is unpickled or executed.
+
+Example:
+>>> import tempfile
+>>> from keras_gemma import GemmaBackbone, checkpoints
+>>> backbone = GemmaBackbone(vocabulary_size=100, num_layers=1,
+...     num_query_heads=2, num_key_value_heads=1, hidden_dim=16,
+...     intermediate_dim=32, head_dim=8)
+>>> directory = tempfile.mkdtemp() + "/preset"
+>>> checkpoints.save_backbone(backbone, directory)
+>>> checkpoints.detect_layout(directory)
+'keras'
+>>> checkpoints.load_backbone(directory).config == backbone.config
+True
+"""
+
+import pathlib
+
+from keras_gemma.checkpoints import _hf_layout
+from keras_gemma.checkpoints import _keras_layout
+from keras_gemma.checkpoints._io import CheckpointError
+from keras_gemma.checkpoints._io import atomic_directory
+from keras_gemma.checkpoints._io import build_with_weights
+from keras_gemma.checkpoints._io import read_json
+from keras_gemma.checkpoints._resolve import PresetDownloadError
+from keras_gemma.checkpoints._resolve import resolve_preset
+
+__all__ = [
+    "CheckpointError",
+    "PresetDownloadError",
+    "detect_layout",
+    "export_huggingface",
+    "load_backbone",
+    "load_causal_lm",
+    "load_preprocessor",
+    "load_tokenizer",
+    "resolve_preset",
+    "save_backbone",
+    "save_causal_lm",
+    "save_preprocessor",
+    "save_tokenizer",
+]
+
+
+def detect_layout(directory):
+    """`"keras"` or `"huggingface"`, from the directory's `config.json`."""
+    directory = pathlib.Path(directory)
+    if not (directory / "config.json").is_file():
+        if (directory / _keras_layout.TOKENIZER_FILE).is_file():
+            return "keras"  # a tokenizer-only Keras preset
+        raise FileNotFoundError(
+            f"Missing file 'config.json' in {directory}: not a Keras preset (config.json, "
+            "model.weights.h5, tokenizer.json, assets/tokenizer/vocabulary.spm) or a Hugging "
+            "Face Gemma checkpoint (config.json, model.safetensors, tokenizer.model)."
+        )
+    config = read_json(directory / "config.json")
+    if _keras_layout.is_keras_layout(config):
+        return "keras"
+    if _hf_layout.is_huggingface_layout(config):
+        return "huggingface"
+    raise CheckpointError(
+        f"{directory}/config.json is neither a keras-hub serialized backbone nor a Hugging "
+        "Face config with `model_type`."
+    )
+
+
+def _layout_module(directory):
+    return _keras_layout if detect_layout(directory) == "keras" else _hf_layout
+
+
+def read_config(preset):
+    """`(directory, GemmaConfig, saved dtype)` of a preset."""
+    directory = resolve_preset(preset)
+    config, dtype = _layout_module(directory).read_config(directory)
+    return directory, config, dtype
+
+
+def _backbone_from(directory, config, load_weights, dtype, **kwargs):
+    from keras_gemma.backbone import GemmaBackbone
+
+    arguments = {**config.to_dict(), **kwargs}
+    if dtype is not None:
+        arguments["dtype"] = dtype
+
+    def build():
+        return GemmaBackbone(**arguments)
+
+    if not load_weights:
+        return build()
+    module = _layout_module(directory)
+    if module is _keras_layout:
+        loaders, close = _keras_layout.weight_loaders(directory, config)
+    else:
+        loaders, close = _hf_layout.weight_loaders(directory, config), lambda: None
+    try:
+        return build_with_weights(build, loaders)
+    finally:
+        close()
+
+
+def load_backbone(preset, load_weights=True, dtype=None, **kwargs):
+    """A `GemmaBackbone` from a preset; see `GemmaBackbone.from_preset`."""
+    directory, config, _ = read_config(preset)
+    return _backbone_from(directory, config, load_weights, dtype, **kwargs)
+
+
+def _tokenizer_from(directory, vocabulary_size=None):
+    from keras_gemma.tokenizer import GemmaTokenizer
+
+    directory = pathlib.Path(directory)
+    if detect_layout(directory) == "keras":
+        path = directory / _keras_layout.VOCABULARY_FILE
+    else:
+        path = directory / _hf_layout.VOCABULARY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Missing tokenizer file {str(path.relative_to(directory))!r} in {directory}."
+        )
+    tokenizer = GemmaTokenizer(path)
+    if vocabulary_size is not None and tokenizer.vocabulary_size() != vocabulary_size:
+        raise CheckpointError(
+            f"The tokenizer in {directory} has {tokenizer.vocabulary_size()} pieces but the "
+            f"model config has vocabulary_size={vocabulary_size}; they are from different "
+            "models."
+        )
+    return tokenizer
+
+
+def load_tokenizer(preset, **kwargs):
+    """A `GemmaTokenizer` from a preset, checked against its config if it has one."""
+    directory = resolve_preset(preset)
+    vocabulary_size = None
+    if (directory / "config.json").is_file():
+        vocabulary_size = _layout_module(directory).read_config(directory)[0].vocabulary_size
+    return _tokenizer_from(directory, vocabulary_size)
+
+
+def _preprocessor_from(directory, tokenizer, sequence_length=None, **kwargs):
+    from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
+
+    if sequence_length is None and detect_layout(directory) == "keras":
+        sequence_length = _keras_layout.read_sequence_length(directory)
+    if sequence_length is not None:
+        kwargs["sequence_length"] = sequence_length
+    return GemmaCausalLMPreprocessor(tokenizer, **kwargs)
+
+
+def load_preprocessor(preset, sequence_length=None, **kwargs):
+    """A `GemmaCausalLMPreprocessor` from a preset."""
+    kwargs.pop("load_weights", None)
+    kwargs.pop("dtype", None)
+    directory = resolve_preset(preset)
+    return _preprocessor_from(directory, load_tokenizer(directory), sequence_length, **kwargs)
+
+
+def load_causal_lm(preset, load_weights=True, dtype=None, sequence_length=None, **kwargs):
+    """A `GemmaCausalLM` with its preprocessor; see `GemmaCausalLM.from_preset`."""
+    from keras_gemma.causal_lm import GemmaCausalLM
+
+    directory, config, _ = read_config(preset)
+    # Tokenizer first: a mismatch fails before gigabytes of weights are read.
+    tokenizer = _tokenizer_from(directory, config.vocabulary_size)
+    preprocessor = _preprocessor_from(directory, tokenizer, sequence_length)
+    backbone = _backbone_from(directory, config, load_weights, dtype, **kwargs)
+    return GemmaCausalLM(backbone, preprocessor)
+
+
+# Saving. Every save writes a complete directory next to the target and
+# renames it into place.
+
+
+def save_backbone(backbone, directory):
+    with atomic_directory(directory) as temporary:
+        _keras_layout.write_backbone(temporary, backbone)
+        _keras_layout.write_metadata(temporary, backbone)
+
+
+def save_tokenizer(tokenizer, directory):
+    with atomic_directory(directory) as temporary:
+        _keras_layout.write_tokenizer(temporary, tokenizer)
+
+
+def save_preprocessor(preprocessor, directory):
+    with atomic_directory(directory) as temporary:
+        _keras_layout.write_preprocessor(temporary, preprocessor)
+
+
+def save_causal_lm(causal_lm, directory):
+    """Writes the Keras preset layout that keras-hub's `GemmaCausalLM.from_preset` reads."""
+    with atomic_directory(directory) as temporary:
+        _keras_layout.write_backbone(temporary, causal_lm.backbone)
+        if causal_lm.preprocessor is not None:
+            _keras_layout.write_preprocessor(temporary, causal_lm.preprocessor)
+        _keras_layout.write_task(temporary, causal_lm.backbone, causal_lm.preprocessor)
+        _keras_layout.write_metadata(temporary, causal_lm.backbone, tasks=["CausalLM"])
+
+
+def export_huggingface(model, directory, tokenizer=None):
+    """Writes a Hugging Face Gemma checkpoint (safetensors, config, tokenizer.model).
+
+    `model` is a `GemmaCausalLM` (its preprocessor's tokenizer is written) or
+    a `GemmaBackbone` (pass `tokenizer` to include one). The result loads in
+    `transformers.GemmaForCausalLM.from_pretrained`.
+    """
+    backbone = getattr(model, "backbone", model)
+    if tokenizer is None and getattr(model, "preprocessor", None) is not None:
+        tokenizer = model.preprocessor.tokenizer
+    with atomic_directory(directory) as temporary:
+        _hf_layout.write(temporary, backbone, tokenizer)
