@@ -6,6 +6,7 @@ from keras import ops
 from keras_gemma.config import GemmaConfig
 from keras_gemma.layers import GemmaDecoderBlock
 from keras_gemma.layers import RMSNormalization
+from keras_gemma.presets import PRESETS
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -176,6 +177,28 @@ class GemmaBackbone(keras.Model):
             (ops.zeros(shape, self.compute_dtype), ops.zeros(shape, self.compute_dtype))
             for _ in range(self.config.num_layers)
         ]
+
+    # Presets: `keras_gemma.checkpoints` does the work.
+
+    presets = PRESETS  # read-only {name: metadata} of the Gemma 1 presets
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, dtype=None, **kwargs):
+        """Loads a backbone from a preset name, `kaggle://`, `hf://` or a directory.
+
+        Directories may be in keras-hub's Kaggle layout or Hugging Face's;
+        `load_weights=False` builds fresh weights offline; `dtype` (e.g.
+        `"bfloat16"`) sets the backbone dtype; `kwargs` override the config.
+        """
+        from keras_gemma import checkpoints
+
+        return checkpoints.load_backbone(preset, load_weights, dtype, **kwargs)
+
+    def save_to_preset(self, preset_dir):
+        """Writes the Keras preset layout (config.json, model.weights.h5), atomically."""
+        from keras_gemma import checkpoints
+
+        checkpoints.save_backbone(self, preset_dir)
 
     def get_config(self):
         return {

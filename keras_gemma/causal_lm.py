@@ -10,6 +10,7 @@ from keras_gemma import _backend
 from keras_gemma import samplers as samplers_lib
 from keras_gemma.data import adapt_fit_inputs
 from keras_gemma.preprocessor import _as_string_list
+from keras_gemma.presets import PRESETS
 
 # Generation pads sequence lengths up to these buckets, so new prompt lengths
 # or `max_length`s reuse one compiled loop instead of compiling again.
@@ -345,6 +346,39 @@ class GemmaCausalLM(keras.Model):
         log_probabilities = token_log_probabilities(logits, target_ids)
         log_probabilities = log_probabilities * ops.cast(valid, "float32")
         return -log_probabilities if scoring_mode == "loss" else log_probabilities
+
+    # Presets: `keras_gemma.checkpoints` does the work.
+
+    presets = PRESETS  # read-only {name: metadata} of the Gemma 1 presets
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, dtype=None, **kwargs):
+        """Loads a model and its preprocessor from a preset.
+
+        Args:
+            preset: a name from `GemmaCausalLM.presets`, `kaggle://...`,
+                `hf://...`, or a local directory in keras-hub's Kaggle layout
+                or Hugging Face's (detected automatically).
+            load_weights: `False` builds fresh weights, offline.
+            dtype: the backbone dtype, e.g. `"bfloat16"`.
+            **kwargs: `sequence_length` for the preprocessor; others
+                override the backbone config (e.g. `dropout`).
+        """
+        from keras_gemma import checkpoints
+
+        return checkpoints.load_causal_lm(preset, load_weights, dtype, **kwargs)
+
+    def save_to_preset(self, preset_dir):
+        """Writes keras-hub's Keras preset layout, atomically; keras-hub loads it too."""
+        from keras_gemma import checkpoints
+
+        checkpoints.save_causal_lm(self, preset_dir)
+
+    def export_to_huggingface(self, directory):
+        """Writes a Hugging Face checkpoint (safetensors, config.json, tokenizer.model)."""
+        from keras_gemma import checkpoints
+
+        checkpoints.export_huggingface(self, directory)
 
     def get_config(self):
         return {

@@ -3,6 +3,8 @@
 import keras
 import numpy as np
 
+from keras_gemma.presets import PRESETS
+
 
 def _as_string_list(inputs, what):
     """Validates a string or a batch of strings; returns (list, was_single)."""
@@ -186,6 +188,21 @@ class GemmaCausalLMPreprocessor:
             ids = [int(t) for t in row[start:][mask[start:]] if int(t) not in special]
             texts.append(self.tokenizer.detokenize(ids))
         return texts
+
+    presets = PRESETS  # read-only {name: metadata} of the Gemma 1 presets
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, dtype=None, **kwargs):
+        """The preset's tokenizer and sequence length; `kwargs` override them."""
+        from keras_gemma import checkpoints
+
+        return checkpoints.load_preprocessor(preset, **kwargs)
+
+    def save_to_preset(self, preset_dir):
+        """Writes tokenizer.json, preprocessor.json and the vocabulary, atomically."""
+        from keras_gemma import checkpoints
+
+        checkpoints.save_preprocessor(self, preset_dir)
 
     def get_config(self):
         return {

@@ -14,6 +14,8 @@ import keras
 import numpy as np
 import sentencepiece
 
+from keras_gemma.presets import PRESETS
+
 PAD_PIECE = "<pad>"
 END_PIECE = "<eos>"
 START_PIECE = "<bos>"
@@ -178,6 +180,21 @@ class GemmaTokenizer:
             )
         # A 0-D array is a single token id.
         return self._decode(_ids_to_list(array.reshape(-1)))
+
+    presets = PRESETS  # read-only {name: metadata} of the Gemma 1 presets
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, dtype=None, **kwargs):
+        """The preset's vocabulary (`load_weights` and `dtype` do not apply)."""
+        from keras_gemma import checkpoints
+
+        return checkpoints.load_tokenizer(preset)
+
+    def save_to_preset(self, preset_dir):
+        """Writes tokenizer.json and assets/tokenizer/vocabulary.spm, atomically."""
+        from keras_gemma import checkpoints
+
+        checkpoints.save_tokenizer(self, preset_dir)
 
     def get_config(self):
         # Base64 keeps the config JSON-serializable, so the vocabulary travels
