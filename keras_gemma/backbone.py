@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma import lora
 from keras_gemma.config import GemmaConfig
 from keras_gemma.layers import GemmaDecoderBlock
 from keras_gemma.layers import RMSNormalization
@@ -177,6 +178,34 @@ class GemmaBackbone(keras.Model):
             (ops.zeros(shape, self.compute_dtype), ops.zeros(shape, self.compute_dtype))
             for _ in range(self.config.num_layers)
         ]
+
+    # LoRA (keras_gemma.lora) and model parallelism (keras_gemma.distribution).
+
+    def enable_lora(self, rank, target_layer_names=None, lora_alpha=None):
+        """Adds rank-`rank` LoRA adapters and freezes all other weights.
+
+        `target_layer_names`: any of `"query"`, `"key"`, `"value"`,
+        `"attention_output"`, `"ffw_gating"`, `"ffw_gating_2"`, `"ffw_linear"`
+        (default query and value). Adapters add `(lora_alpha / rank) * a @ b`;
+        `lora_alpha` defaults to `rank`. See `keras_gemma.lora.enable_lora`.
+        """
+        lora.enable_lora(self, rank, target_layer_names, lora_alpha)
+
+    def save_lora_weights(self, path):
+        """Saves the adapters to a small safetensors file keyed by layer name."""
+        lora.save_lora_weights(self, path)
+
+    def load_lora_weights(self, path):
+        """Loads adapters from `save_lora_weights`, enabling LoRA if needed."""
+        lora.load_lora_weights(self, path)
+
+    def merge_lora(self):
+        """Folds the adapters into the kernels and removes the adapter variables."""
+        lora.merge_lora(self)
+
+    def export_lora_to_peft(self, directory, base_model_name_or_path=None):
+        """Writes the adapters as a Hugging Face PEFT adapter for transformers' Gemma."""
+        lora.export_lora_to_peft(self, directory, base_model_name_or_path)
 
     # Presets: `keras_gemma.checkpoints` does the work.
 

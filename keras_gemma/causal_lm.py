@@ -1,6 +1,7 @@
 """GemmaCausalLM: logits, fit on text, generate, score."""
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -124,8 +125,24 @@ class GemmaCausalLM(keras.Model):
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
+        self._warn_if_updates_vanish()
         self.sampler = samplers_lib.get(sampler)
         self._generate_functions = {}
+
+    def _warn_if_updates_vanish(self):
+        low_precision = any(
+            keras.backend.standardize_dtype(v.dtype) in ("bfloat16", "float16")
+            for v in self.trainable_variables
+        )
+        if low_precision and hasattr(self.optimizer, "beta_2"):
+            warnings.warn(
+                "This model trains weights stored in bfloat16/float16. Adam-style "
+                "optimizers make no update at all there (Keras rounds beta_2=0.999 "
+                "to 1.0 in bfloat16) and small updates round away. For fine-tuning "
+                "use dtype='mixed_bfloat16' (float32 weights, bfloat16 compute), or "
+                "LoRA on a float32/mixed model.",
+                stacklevel=3,
+            )
 
     def _ensure_compiled(self):
         if not self.compiled:

@@ -79,18 +79,15 @@ class GemmaCausalLMPreprocessor:
         self.add_start_token = add_start_token
         self.add_end_token = add_end_token
 
-    def _pack(self, rows, length, weights=None):
+    def _pack(self, rows, length):
         """Right-pads `rows` of ids to `length`; returns ids and mask arrays."""
         token_ids = np.full((len(rows), length), self.tokenizer.pad_token_id, "int32")
         padding_mask = np.zeros((len(rows), length), "int32")
-        sample_weight = np.zeros((len(rows), length), "float32")
         for i, row in enumerate(rows):
             row = row[:length]
             token_ids[i, : len(row)] = row
             padding_mask[i, : len(row)] = 1
-            if weights is not None:
-                sample_weight[i, : len(row)] = weights[i][:length]
-        return token_ids, padding_mask, sample_weight
+        return token_ids, padding_mask
 
     def _start(self):
         return [self.tokenizer.start_token_id] if self.add_start_token else []
@@ -134,11 +131,12 @@ class GemmaCausalLMPreprocessor:
             texts, _ = _as_string_list(x, "`x`")
             rows = [self._start() + ids + self._end() for ids in self.tokenizer.tokenize(texts)]
             weights = None
-        token_ids, padding_mask, _ = self._pack(rows, length)
-        if weights is None:
-            sample_weight = padding_mask[:, 1:].astype("float32")
-        else:
-            _, _, sample_weight = self._pack(rows, length - 1, weights)
+        token_ids, padding_mask = self._pack(rows, length)
+        sample_weight = padding_mask[:, 1:].astype("float32")
+        if weights is not None:
+            for i, row_weights in enumerate(weights):
+                row_weights = row_weights[: length - 1]
+                sample_weight[i, : len(row_weights)] = row_weights
         inputs = {"token_ids": token_ids[:, :-1], "padding_mask": padding_mask[:, :-1]}
         return inputs, token_ids[:, 1:], sample_weight
 
@@ -162,7 +160,7 @@ class GemmaCausalLMPreprocessor:
                 f"which is {longest} tokens (start token included). Raise "
                 "`max_length` or shorten the prompt."
             )
-        token_ids, padding_mask, _ = self._pack(rows, length)
+        token_ids, padding_mask = self._pack(rows, length)
         return {"token_ids": token_ids, "padding_mask": padding_mask}
 
     def generate_postprocess(self, x, skip_tokens=None, strip_lengths=None):

@@ -1,0 +1,194 @@
+"""Model-parallel layouts for `GemmaBackbone` under `keras.distribution` (JAX).
+
+Each big matrix is split along the model axis of the device mesh on the first
+axis in its preference list that the model axis divides: heads first
+(Megatron-style, so attention stays local to a device), then the hidden or
+feed-forward axis. An axis the mesh dimension does not divide is never
+sharded: Gemma 2B has a single key/value head, so its key/value kernels
+`[1, hidden, head_dim]` shard along `hidden` instead (the bug that keeps
+keras-hub's layout from loading 2B model-parallel). Norm scales and LoRA
+adapters are small and replicated; weights are replicated across the data
+(batch) axis, which carries the batch.
+
+Example:
+>>> import keras
+>>> from keras_gemma import GemmaConfig
+>>> config = GemmaConfig(vocabulary_size=256000, num_layers=18,
+...     num_query_heads=8, num_key_value_heads=1, hidden_dim=2048,
+...     intermediate_dim=32768, head_dim=256)
+>>> mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"),
+...     devices=[f"cpu:{i}" for i in range(8)])
+>>> layout_map = get_layout_map(config, mesh)
+>>> layout_map["decoder_block_0/attention/key/kernel"].axes
+(None, 'model', None)
+>>> layout_map["decoder_block_0/attention/query/kernel"].axes
+('model', None, None)
+"""
+
+import re
+
+import keras
+
+from keras_gemma.config import GemmaConfig
+
+# Variable-path regex -> (example path in `GemmaConfig.weight_shapes()`,
+# axes to shard in order of preference, whether it must be shardable).
+# Query/key/value `[heads, hidden, head_dim]`, output `[heads, head_dim, hidden]`.
+_RULES = {
+    "token_embedding/embeddings": ("token_embedding/embeddings", (0, 1), True),
+    r"decoder_block_\d+/attention/query/kernel": (
+        "decoder_block_0/attention/query/kernel",
+        (0, 1, 2),
+        True,
+    ),
+    # With fewer key/value heads than model shards (multi-query 2B, small
+    # groups) the kernels shard along hidden; replicating is the fallback.
+    r"decoder_block_\d+/attention/(key|value)/kernel": (
+        "decoder_block_0/attention/key/kernel",
+        (0, 1, 2),
+        False,
+    ),
+    r"decoder_block_\d+/attention/attention_output/kernel": (
+        "decoder_block_0/attention/attention_output/kernel",
+        (0, 2, 1),
+        True,
+    ),
+    r"decoder_block_\d+/feed_forward/ffw_gating(_2)?/kernel": (
+        "decoder_block_0/feed_forward/ffw_gating/kernel",
+        (1, 0),
+        True,
+    ),
+    r"decoder_block_\d+/feed_forward/ffw_linear/kernel": (
+        "decoder_block_0/feed_forward/ffw_linear/kernel",
+        (0, 1),
+        True,
+    ),
+}
+_REPLICATED = {
+    r"decoder_block_\d+/(pre_attention_norm|pre_ffw_norm)/scale": 1,
+    "final_normalization/scale": 1,
+}
+
+
+def _as_config(config):
+    if isinstance(config, GemmaConfig):
+        return config
+    if isinstance(config, dict):
+        keys = GemmaConfig.__dataclass_fields__
+        return GemmaConfig(**{k: v for k, v in config.items() if k in keys})
+    if hasattr(config, "config") and isinstance(config.config, GemmaConfig):
+        return config.config  # a GemmaBackbone
+    raise ValueError(
+        "The layout depends on the model's shapes (e.g. one key/value head in "
+        "2B): pass `config=` a `GemmaConfig`, a backbone config dict or a "
+        f"`GemmaBackbone`. Received: {config!r}"
+    )
+
+
+def _check_mesh(device_mesh, model_parallel_dim_name, data_parallel_dim_name):
+    if not isinstance(device_mesh, keras.distribution.DeviceMesh):
+        raise ValueError(
+            f"`device_mesh` must be a `keras.distribution.DeviceMesh`. Received: {device_mesh!r}"
+        )
+    names = tuple(device_mesh.axis_names)
+    for argument, name in (
+        ("model_parallel_dim_name", model_parallel_dim_name),
+        ("data_parallel_dim_name", data_parallel_dim_name),
+    ):
+        if name not in names:
+            raise ValueError(
+                f"`{argument}`={name!r} is not an axis of the device mesh, whose "
+                f"axes are {names}."
+            )
+    if model_parallel_dim_name == data_parallel_dim_name:
+        raise ValueError(
+            "The model and data parallel mesh axes must differ; both are "
+            f"{model_parallel_dim_name!r}. Use a 2-D mesh such as (batch, model)."
+        )
+    return device_mesh.shape[names.index(model_parallel_dim_name)]
+
+
+def variable_axes(config, path, model_size, model_parallel_dim_name="model"):
+    """Sharding spec (a tuple of mesh axis names or None) for one variable path."""
+    shapes = config.weight_shapes()
+    for pattern, (example, preferences, required) in _RULES.items():
+        if not re.fullmatch(pattern, path):
+            continue
+        shape = shapes[example]
+        for axis in preferences:
+            # A size-1 axis (the single key/value head) is never sharded, even
+            # over a mesh axis of size 1.
+            if shape[axis] > 1 and shape[axis] % model_size == 0:
+                axes = [None] * len(shape)
+                axes[axis] = model_parallel_dim_name
+                return tuple(axes)
+        if required:
+            divisible = sorted(
+                {d for s in shape for d in range(1, s + 1) if s % d == 0 and d <= 64}
+            )
+            raise ValueError(
+                f"Cannot shard '{path}' (shape {shape}) over a model-parallel mesh "
+                f"axis of size {model_size}: it divides none of the axes. Use a "
+                f"model axis size that divides one of {shape} (e.g. one of "
+                f"{divisible[-6:]}), and put the remaining devices on the data axis."
+            )
+        return (None,) * len(shape)
+    for pattern, rank in _REPLICATED.items():
+        if re.fullmatch(pattern, path):
+            return (None,) * rank
+    return None
+
+
+def get_layout_map(
+    config,
+    device_mesh,
+    model_parallel_dim_name="model",
+    data_parallel_dim_name="batch",
+):
+    """A `keras.distribution.LayoutMap` sharding a Gemma backbone's weights.
+
+    Args:
+        config: a `GemmaConfig` (or backbone config dict, or a backbone):
+            the layout depends on head counts and widths.
+        device_mesh: a `keras.distribution.DeviceMesh` with both axes below.
+        model_parallel_dim_name: mesh axis the weights are split over.
+        data_parallel_dim_name: mesh axis the batch is split over; weights are
+            replicated along it. Pass it to `ModelParallel(batch_dim_name=...)`.
+
+    Returns:
+        A `LayoutMap` keyed by regexes over variable paths; use it as
+        `keras.distribution.ModelParallel(layout_map=..., batch_dim_name=...)`
+        and build the backbone inside that distribution's `scope()`.
+
+    Raises:
+        ValueError: for a mesh without these axes, or whose model axis size
+            divides no axis of one of the big matrices.
+    """
+    config = _as_config(config)
+    model_size = _check_mesh(device_mesh, model_parallel_dim_name, data_parallel_dim_name)
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    examples = {pattern: example for pattern, (example, _, _) in _RULES.items()}
+    for pattern in _RULES:
+        layout_map[pattern] = variable_axes(
+            config, examples[pattern], model_size, model_parallel_dim_name
+        )
+    for pattern, rank in _REPLICATED.items():
+        layout_map[pattern] = (None,) * rank
+    return layout_map
+
+
+def model_parallel(config, mesh_shape, axis_names=("batch", "model"), devices=None):
+    """A `keras.distribution.ModelParallel` over a new mesh, with Gemma's layout.
+
+    `mesh_shape` is `(data, model)` in the order of `axis_names`, e.g. `(2, 4)`
+    on 8 devices. Create the backbone (and call `enable_lora`) inside
+    `distribution.scope()`.
+    """
+    devices = devices if devices is not None else keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh(tuple(mesh_shape), tuple(axis_names), devices=devices)
+    data_name, model_name = axis_names
+    layout_map = get_layout_map(config, mesh, model_name, data_name)
+    return keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name=data_name)
+
+
+__all__ = ["get_layout_map", "model_parallel", "variable_axes"]

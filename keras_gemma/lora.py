@@ -1,0 +1,412 @@
+"""LoRA adapters on a `GemmaBackbone`: enable, save, load, merge, export to PEFT.
+
+The adapters are Keras's own: every Gemma projection is a
+`keras.layers.EinsumDense`, whose `enable_lora(rank, lora_alpha)` adds
+`lora_kernel_a` (the kernel's shape with the last axis replaced by `rank`) and
+`lora_kernel_b` (`[rank, last axis]`) and adds
+`(lora_alpha / rank) * a @ b` to the frozen kernel. That works unchanged on an
+int8-quantized base (QLoRA-style). For the query/key/value kernels
+`[heads, hidden, head_dim]` the head axis sits on the `a` side, so each head
+gets its own rank-`rank` update (as in keras-hub); `export_lora_to_peft`
+writes those exactly as rank `heads * rank` PEFT adapters.
+
+Adapters are addressed by layer name, e.g. `decoder_block_3/attention/query`,
+never by position in a layer list, so files survive code refactors.
+
+Example:
+>>> from keras_gemma import GemmaBackbone
+>>> backbone = GemmaBackbone(vocabulary_size=64, num_layers=1,
+...     num_query_heads=2, num_key_value_heads=1, hidden_dim=8,
+...     intermediate_dim=16, head_dim=4)
+>>> enable_lora(backbone, rank=2)
+>>> # query a [2, 8, 2] + b [2, 4], value a [1, 8, 2] + b [2, 4]
+>>> sum(int(np.prod(v.shape)) for v in backbone.trainable_weights)
+64
+"""
+
+import json
+import os
+
+import numpy as np
+from keras import ops
+
+from keras_gemma.weight_names import huggingface_tensors
+
+# Projections LoRA may target, by layer name, and where each lives in a block.
+LORA_TARGETS = {
+    "query": ("attention", "query_dense"),
+    "key": ("attention", "key_dense"),
+    "value": ("attention", "value_dense"),
+    "attention_output": ("attention", "output_dense"),
+    "ffw_gating": ("feed_forward", "ffw_gating"),
+    "ffw_gating_2": ("feed_forward", "ffw_gating_2"),
+    "ffw_linear": ("feed_forward", "ffw_linear"),
+}
+DEFAULT_TARGETS = ("query", "value")
+
+_FORMAT = "keras_gemma.lora"
+_FORMAT_VERSION = "1"
+
+
+def _layer_path(index, target):
+    sublayer = LORA_TARGETS[target][0]
+    return f"decoder_block_{index}/{sublayer}/{target}"
+
+
+def _projection(block, target):
+    sublayer, attribute = LORA_TARGETS[target]
+    return getattr(getattr(block, sublayer), attribute)
+
+
+def _target_layers(backbone, targets):
+    """`{layer_path: EinsumDense}` for `targets` in every decoder block, in order."""
+    return {
+        _layer_path(i, target): _projection(block, target)
+        for i, block in enumerate(backbone.transformer_layers)
+        for target in targets
+    }
+
+
+def _base_kernel(layer):
+    """The stored kernel variable of an `EinsumDense` (float or int8)."""
+    for variable in layer.weights:
+        if variable.name == "kernel":
+            return variable
+    raise ValueError(f"Layer {layer.name!r} has no kernel variable.")
+
+
+def _validate_targets(target_layer_names):
+    if target_layer_names is None:
+        return DEFAULT_TARGETS
+    if isinstance(target_layer_names, str):
+        target_layer_names = [target_layer_names]
+    targets = tuple(dict.fromkeys(target_layer_names))  # ordered, no duplicates
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ValueError(
+            f"Unknown LoRA target layer names {unknown}. Choose from "
+            f"{list(LORA_TARGETS)} (default: {list(DEFAULT_TARGETS)})."
+        )
+    return tuple(t for t in LORA_TARGETS if t in targets)  # canonical order
+
+
+def lora_state(backbone):
+    """`(rank, lora_alpha, targets)` of the enabled adapters, or `None`."""
+    targets = tuple(
+        t for t in LORA_TARGETS if _projection(backbone.transformer_layers[0], t).lora_enabled
+    )
+    if not targets:
+        return None
+    layer = _projection(backbone.transformer_layers[0], targets[0])
+    return layer.lora_rank, float(layer.lora_alpha), targets
+
+
+def enable_lora(backbone, rank, target_layer_names=None, lora_alpha=None):
+    """Adds LoRA adapters and freezes every other weight of `backbone`.
+
+    Args:
+        backbone: a `GemmaBackbone`.
+        rank: adapter rank, a positive integer.
+        target_layer_names: projections to adapt in every decoder block, any
+            of `LORA_TARGETS`; default `("query", "value")`.
+        lora_alpha: scale numerator: adapters add `(lora_alpha / rank) * a @ b`.
+            Defaults to `rank` (scale 1), Keras's default.
+
+    Afterwards `backbone.trainable_weights` are exactly the adapter matrices.
+    Compile (or re-compile) the task model after this, so the optimizer
+    tracks the new variables.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"`rank` must be a positive integer. Received: rank={rank!r}")
+    if lora_alpha is not None and (not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0):
+        raise ValueError(f"`lora_alpha` must be a positive number. Received: {lora_alpha!r}")
+    targets = _validate_targets(target_layer_names)
+    if lora_state(backbone) is not None:
+        raise ValueError(
+            "LoRA is already enabled on this backbone "
+            f"(rank, alpha, targets = {lora_state(backbone)}). Call `merge_lora()` "
+            "first to fold those adapters in, or start from a fresh backbone."
+        )
+    backbone.trainable = True
+    for layer in (backbone.token_embedding, backbone.final_normalization):
+        layer.trainable = False
+    for block in backbone.transformer_layers:
+        block.trainable = False  # recursive: freezes every variable in the block
+    for layer in _target_layers(backbone, targets).values():
+        layer.trainable = True
+        # Freezes the kernel; the two new float32 adapter matrices train.
+        layer.enable_lora(rank, lora_alpha=lora_alpha)
+
+
+def _require_lora(backbone):
+    state = lora_state(backbone)
+    if state is None:
+        raise ValueError(
+            "This backbone has no LoRA adapters. Call `backbone.enable_lora(rank)` first."
+        )
+    return state
+
+
+def lora_weights(backbone):
+    """`{"<layer path>/lora_kernel_a" or "/lora_kernel_b": numpy array}`."""
+    _, _, targets = _require_lora(backbone)
+    weights = {}
+    for path, layer in _target_layers(backbone, targets).items():
+        weights[f"{path}/lora_kernel_a"] = np.asarray(ops.convert_to_numpy(layer.lora_kernel_a))
+        weights[f"{path}/lora_kernel_b"] = np.asarray(ops.convert_to_numpy(layer.lora_kernel_b))
+    return weights
+
+
+def _safetensors():
+    try:
+        import safetensors.numpy
+    except ImportError as error:
+        raise ImportError(
+            "LoRA files are safetensors files; install them with `pip install safetensors`."
+        ) from error
+    return safetensors.numpy
+
+
+def save_lora_weights(backbone, path):
+    """Writes the adapters (float32) to a safetensors file keyed by layer path.
+
+    The header records rank, alpha, targets and the number of layers, so
+    `load_lora_weights` can rebuild the adapters on a fresh backbone.
+    """
+    rank, alpha, targets = _require_lora(backbone)
+    metadata = {
+        "format": _FORMAT,
+        "format_version": _FORMAT_VERSION,
+        "rank": str(rank),
+        "lora_alpha": repr(alpha),
+        "target_layer_names": json.dumps(list(targets)),
+        "num_layers": str(backbone.num_layers),
+    }
+    directory = os.path.dirname(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v) for k, v in lora_weights(backbone).items()}
+    _safetensors().save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def _read_lora_file(path):
+    from safetensors import safe_open
+
+    _safetensors()
+    with safe_open(os.fspath(path), framework="numpy") as reader:
+        metadata = reader.metadata() or {}
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(
+                f"'{path}' is not a keras_gemma LoRA file (no '{_FORMAT}' header); "
+                "save one with `backbone.save_lora_weights(path)`. For Hugging Face "
+                "PEFT adapters use the PEFT library."
+            )
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    return metadata, tensors
+
+
+def load_lora_weights(backbone, path):
+    """Loads adapters saved by `save_lora_weights`.
+
+    On a backbone without LoRA the adapters are enabled with the file's rank,
+    alpha and targets; on one with LoRA these must match. Every tensor name
+    and shape is checked before any value is assigned.
+    """
+    metadata, tensors = _read_lora_file(path)
+    rank = int(metadata["rank"])
+    alpha = float(metadata["lora_alpha"])
+    targets = tuple(json.loads(metadata["target_layer_names"]))
+    num_layers = int(metadata["num_layers"])
+    if num_layers != backbone.num_layers:
+        raise ValueError(
+            f"'{path}' holds adapters for {num_layers} decoder blocks, but this "
+            f"backbone has {backbone.num_layers}. Load it onto the model it was trained on."
+        )
+    state = lora_state(backbone)
+    if state is None:
+        enable_lora(backbone, rank, targets, lora_alpha=alpha)
+    else:
+        model_rank, model_alpha, model_targets = state
+        mismatches = [
+            f"{name}: file {theirs!r}, model {ours!r}"
+            for name, theirs, ours in (
+                ("rank", rank, model_rank),
+                ("lora_alpha", alpha, model_alpha),
+                ("targets", list(targets), list(model_targets)),
+            )
+            if theirs != ours
+        ]
+        if mismatches:
+            raise ValueError(
+                f"The LoRA adapters in '{path}' do not match those enabled on this "
+                f"backbone ({'; '.join(mismatches)}). Load the file onto a backbone "
+                "without LoRA (it enables matching adapters itself) or call "
+                "`enable_lora` with the file's settings."
+            )
+    layers = _target_layers(backbone, targets)
+    expected = {}
+    for path_, layer in layers.items():
+        expected[f"{path_}/lora_kernel_a"] = layer.lora_kernel_a
+        expected[f"{path_}/lora_kernel_b"] = layer.lora_kernel_b
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"'{path}' does not match this backbone's adapters. Missing: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; unexpected: "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}."
+        )
+    for key, variable in expected.items():
+        if tuple(tensors[key].shape) != tuple(variable.shape):
+            raise ValueError(
+                f"Adapter '{key}' in '{path}' has shape {tuple(tensors[key].shape)}, "
+                f"but this backbone expects {tuple(variable.shape)}: the file was "
+                "trained on a model with different dimensions."
+            )
+    for key, variable in expected.items():
+        variable.assign(tensors[key])
+
+
+def merge_lora(backbone):
+    """Folds the adapters into the base kernels and removes them.
+
+    Logits are unchanged (up to the kernel dtype's rounding); afterwards the
+    backbone has exactly its original variables again, all trainable as when
+    constructed. An int8 base is re-quantized with the merged kernel.
+    Re-compile a task model before training it further.
+    """
+    _, _, targets = _require_lora(backbone)
+    for layer in _target_layers(backbone, targets).values():
+        kernel = _base_kernel(layer)
+        if layer.quantization_mode is None:
+            scale = layer.lora_alpha / layer.lora_rank
+            delta = ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)  # kernel shape
+            merged = ops.cast(kernel.value, "float32") + scale * delta
+            kernel.assign(ops.cast(merged, kernel.dtype))
+        elif layer.quantization_mode == "int8":
+            # Keras's own merge-and-requantize, as used when saving a LoRA model.
+            merged, kernel_scale, _ = layer._get_kernel_with_merged_lora()
+            kernel.assign(merged)
+            layer.kernel_scale.assign(kernel_scale)
+        else:
+            raise NotImplementedError(
+                f"Merging LoRA into a {layer.quantization_mode!r}-quantized layer is not "
+                "supported; merge before quantizing."
+            )
+        # `Layer.__delattr__` untracks the variables (and torch parameters).
+        del layer.lora_kernel_a
+        del layer.lora_kernel_b
+        layer.lora_enabled = False
+        layer.lora_rank = None
+        layer.lora_alpha = None
+    backbone.trainable = True
+
+
+# Hugging Face PEFT export.
+
+
+def _peft_factors(target, a, b):
+    """PEFT `(lora_A [R, in], lora_B [out, R])` with `B @ A` equal to our update.
+
+    Ours: `delta = a @ b` in our kernel layout. For query/key/value kernels
+    `[heads, hidden, head_dim]`, `a` is `[heads, hidden, r]`: a separate
+    rank-r update per head, which in Hugging Face's merged `[heads * head_dim,
+    hidden]` layout is a rank `heads * r` matrix: `lora_A` stacks the heads'
+    `a`s and `lora_B` is block diagonal with `b.T` in each head's block.
+    """
+    if target in ("query", "key", "value"):
+        heads, hidden, rank = a.shape
+        lora_a = np.transpose(a, (0, 2, 1)).reshape(heads * rank, hidden)
+        lora_b = np.kron(np.eye(heads, dtype=b.dtype), b.T)  # [heads * head_dim, heads * r]
+    elif target == "attention_output":
+        # a: [heads, head_dim, r] over the merged input axis; b: [r, hidden].
+        lora_a = a.reshape(-1, a.shape[-1]).T
+        lora_b = b.T
+    else:  # feed-forward: a [in, r], b [r, out]
+        lora_a, lora_b = a.T, b.T
+    return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
+
+
+def export_lora_to_peft(backbone, directory, base_model_name_or_path=None):
+    """Writes the adapters as a Hugging Face PEFT LoRA adapter.
+
+    Produces `adapter_config.json` and `adapter_model.safetensors` for
+    transformers' `GemmaForCausalLM`, e.g.
+    `PeftModel.from_pretrained(hf_model, directory)`. Tensors are named like
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. Per-head
+    query/key/value adapters export exactly with `rank_pattern` rank
+    `heads * rank` (and `alpha_pattern` keeping the scale `lora_alpha / rank`).
+    """
+    rank, alpha, targets = _require_lora(backbone)
+    hf_names = huggingface_tensors(backbone.config)
+    weights = lora_weights(backbone)
+    tensors, modules = {}, {}
+    for i in range(backbone.num_layers):
+        for target in targets:
+            path = _layer_path(i, target)
+            hf_module = hf_names[f"{path}/kernel"][0].removesuffix(".weight")
+            lora_a, lora_b = _peft_factors(
+                target, weights[f"{path}/lora_kernel_a"], weights[f"{path}/lora_kernel_b"]
+            )
+            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = lora_a
+            tensors[f"base_model.model.{hf_module}.lora_B.weight"] = lora_b
+            modules[hf_module.rsplit(".", 1)[-1]] = lora_a.shape[0]
+    scale = alpha / rank
+    rank_pattern = {m: r for m, r in modules.items() if r != rank}
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(modules),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {m: scale * r for m, r in rank_pattern.items()},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump(adapter_config, f, indent=2)
+    _safetensors().save_file(
+        tensors,
+        os.path.join(directory, "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
+
+
+def lora_parameter_count(config, rank, target_layer_names=None):
+    """Adapter parameters for `config`, computed from shapes alone.
+
+    >>> from keras_gemma import GemmaConfig
+    >>> config = GemmaConfig(vocabulary_size=256000, num_layers=18,
+    ...     num_query_heads=8, num_key_value_heads=1, hidden_dim=2048,
+    ...     intermediate_dim=32768, head_dim=256)
+    >>> lora_parameter_count(config, rank=4)
+    1363968
+    """
+    shapes = config.weight_shapes()
+    total = 0
+    for target in _validate_targets(target_layer_names):
+        shape = shapes[f"{_layer_path(0, target)}/kernel"]
+        total += int(np.prod(shape[:-1])) * rank + rank * shape[-1]
+    return total * config.num_layers
+
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "LORA_TARGETS",
+    "enable_lora",
+    "export_lora_to_peft",
+    "load_lora_weights",
+    "lora_parameter_count",
+    "lora_state",
+    "lora_weights",
+    "merge_lora",
+    "save_lora_weights",
+]
