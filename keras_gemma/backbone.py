@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma import distribution
 from keras_gemma import lora
 from keras_gemma.config import GemmaConfig
 from keras_gemma.layers import GemmaDecoderBlock
@@ -228,6 +229,33 @@ class GemmaBackbone(keras.Model):
         from keras_gemma import checkpoints
 
         checkpoints.save_backbone(self, preset_dir)
+
+    @staticmethod
+    def get_layout_map(
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+        config=None,
+    ):
+        """A `keras.distribution.LayoutMap` for model-parallel Gemma (JAX).
+
+        keras-hub's signature plus `config` (a `GemmaConfig`, backbone config
+        dict or backbone): the layout depends on the shapes, e.g. 2B's single
+        key/value head is never split. See `keras_gemma.distribution`.
+
+        Example:
+        >>> import keras
+        >>> from keras_gemma import GemmaConfig
+        >>> mesh = keras.distribution.DeviceMesh((1, 2), ("batch", "model"),
+        ...     devices=["cpu:0", "cpu:1"])
+        >>> layout_map = GemmaBackbone.get_layout_map(mesh, config=GemmaConfig(
+        ...     256000, 18, 8, 1, 2048, 32768, 256))
+        >>> layout_map["decoder_block_0/attention/value/kernel"].axes
+        (None, 'model', None)
+        """
+        return distribution.get_layout_map(
+            config, device_mesh, model_parallel_dim_name, data_parallel_dim_name
+        )
 
     def get_config(self):
         return {

@@ -97,8 +97,7 @@ def _check_mesh(device_mesh, model_parallel_dim_name, data_parallel_dim_name):
     ):
         if name not in names:
             raise ValueError(
-                f"`{argument}`={name!r} is not an axis of the device mesh, whose "
-                f"axes are {names}."
+                f"`{argument}`={name!r} is not an axis of the device mesh, whose axes are {names}."
             )
     if model_parallel_dim_name == data_parallel_dim_name:
         raise ValueError(
@@ -123,14 +122,12 @@ def variable_axes(config, path, model_size, model_parallel_dim_name="model"):
                 axes[axis] = model_parallel_dim_name
                 return tuple(axes)
         if required:
-            divisible = sorted(
-                {d for s in shape for d in range(1, s + 1) if s % d == 0 and d <= 64}
-            )
             raise ValueError(
                 f"Cannot shard '{path}' (shape {shape}) over a model-parallel mesh "
                 f"axis of size {model_size}: it divides none of the axes. Use a "
-                f"model axis size that divides one of {shape} (e.g. one of "
-                f"{divisible[-6:]}), and put the remaining devices on the data axis."
+                f"model axis size that divides one of {shape} (for Gemma's configs "
+                "a power of two up to the number of query heads) and put the "
+                "remaining devices on the data axis."
             )
         return (None,) * len(shape)
     for pattern, rank in _REPLICATED.items():
