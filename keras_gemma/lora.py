@@ -299,7 +299,13 @@ def merge_lora(backbone):
         layer.lora_enabled = False
         layer.lora_rank = None
         layer.lora_alpha = None
-    backbone.trainable = True
+        # `enable_lora` froze the kernel itself (the layer stays trainable);
+        # an int8 kernel is never trainable.
+        kernel.trainable = layer.quantization_mode is None
+    # Unfreeze every layer explicitly: on TensorFlow, setting `trainable` on
+    # a parent does not always reach the layers its `build` created.
+    for layer in backbone._flatten_layers(include_self=True):
+        layer.trainable = True
 
 
 # Hugging Face PEFT export.
