@@ -5,6 +5,8 @@ from keras_gemma import samplers
 from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.causal_lm import GemmaCausalLM
 from keras_gemma.causal_lm import token_log_probabilities
+from keras_gemma.chat import ChatSession
+from keras_gemma.chat import format_turns
 from keras_gemma.config import GemmaConfig
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.samplers import BeamSampler
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BeamSampler",
+    "ChatSession",
     "GemmaBackbone",
     "GemmaCausalLM",
     "GemmaCausalLMPreprocessor",
@@ -29,6 +32,7 @@ __all__ = [
     "Sampler",
     "TopKSampler",
     "TopPSampler",
+    "format_turns",
     "layers",
     "samplers",
     "token_log_probabilities",

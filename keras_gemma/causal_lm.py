@@ -189,49 +189,36 @@ class GemmaCausalLM(keras.Model):
             raise ValueError(f"`stop_token_ids` must be in [0, {vocabulary_size}). Received {ids}.")
         return ids
 
-    def _generate_function(self, prefill_length, stop_token_ids):
-        key = (prefill_length, stop_token_ids, tuple(id(v) for v in self.variables))
+    def _next_logits(self, ids, cache, index):
+        """Logits for position `index`, feeding the token before it through the cache."""
+        # Beam search widens the batch, so read it from `ids`.
+        token = ops.slice(ids, [0, index - 1], [ops.shape(ids)[0], 1])
+        hidden, cache = self.backbone.compute_hidden_states(
+            token, cache=cache, cache_update_index=index - 1
+        )
+        return self.compute_logits(hidden)[:, 0], cache
+
+    def _prefill(self, token_ids, prefill_length):
+        """A cache holding the keys/values of the first `prefill_length` tokens."""
+        batch_size, length = ops.shape(token_ids)
+        cache = self.backbone.empty_cache(batch_size, length)
+        # One pass over the (bucketed) prompts; decoding then only computes
+        # its new position. Slots past a shorter prompt are overwritten by
+        # the decode steps before any query can see them.
+        _, cache = self.backbone.compute_hidden_states(token_ids[:, :prefill_length], cache=cache)
+        return cache
+
+    def _compiled(self, key, function, whole_loop=True):
+        """`function` compiled for this backend, cached per key and weights."""
+        key = (key, tuple(id(v) for v in self.variables))
         if key not in self._generate_functions:
-            backbone = self.backbone
-
-            def generate_step(token_ids, prompt_lengths, max_length, seed):
-                batch_size, length = ops.shape(token_ids)
-                cache = backbone.empty_cache(batch_size, length)
-                # Prefill: one pass over the (bucketed) prompts writes the
-                # cache; later steps only compute their new position.
-                _, cache = backbone.compute_hidden_states(
-                    token_ids[:, :prefill_length], cache=cache, cache_update_index=0
-                )
-                prompt_mask = ops.arange(length)[None, :] < prompt_lengths[:, None]
-
-                def next(ids, cache, index):
-                    # Beam search widens the batch, so read it from `ids`.
-                    token = ops.slice(ids, [0, index - 1], [ops.shape(ids)[0], 1])
-                    hidden, cache = backbone.compute_hidden_states(
-                        token, cache=cache, cache_update_index=index - 1
-                    )
-                    return self.compute_logits(hidden)[:, 0], cache
-
-                return self.sampler(
-                    next,
-                    token_ids,
-                    cache,
-                    ops.min(prompt_lengths),
-                    prompt_mask,
-                    max_length,
-                    stop_token_ids,
-                    seed,
-                )
-
-            self._generate_functions[key] = _backend.compile_stateless(generate_step, self)
+            self._generate_functions[key] = _backend.compile_stateless(
+                function, self, whole_loop=whole_loop
+            )
         return self._generate_functions[key]
 
-    def generate_tokens(self, token_ids, padding_mask, stop_token_ids=()):
-        """Generates into the padding of right-padded `token_ids`.
-
-        Returns `{"token_ids", "padding_mask"}` as NumPy arrays; the mask
-        covers the prompt and generated tokens up to the first stop token.
-        """
+    def _prepare_prompts(self, token_ids, padding_mask):
+        """Validates right-padded prompts; pads the width to its bucket."""
         token_ids = _check_token_ids(token_ids, self.backbone.vocabulary_size)
         padding_mask = np.asarray(ops.convert_to_numpy(padding_mask)).astype(bool)
         if padding_mask.shape != token_ids.shape:
@@ -241,8 +228,7 @@ class GemmaCausalLM(keras.Model):
             )
         batch_size, max_length = token_ids.shape
         prompt_lengths = padding_mask.sum(axis=1).astype("int32")
-        positions = np.arange(max_length)[None, :]
-        if not np.array_equal(padding_mask, positions < prompt_lengths[:, None]):
+        if not np.array_equal(padding_mask, np.arange(max_length) < prompt_lengths[:, None]):
             raise ValueError(
                 "Prompts must be right-padded: `padding_mask` must be 1 on a "
                 "prefix of each row and 0 after it."
@@ -254,24 +240,121 @@ class GemmaCausalLM(keras.Model):
                 f"`max_length`={max_length} must be greater than the longest "
                 f"prompt ({prompt_lengths.max()} tokens) to leave room to generate."
             )
-        length = _bucket(max_length)
-        padded = np.zeros((batch_size, length), "int32")
+        padded = np.zeros((batch_size, _bucket(max_length)), "int32")
         padded[:, :max_length] = token_ids
-        function = self._generate_function(_bucket(int(prompt_lengths.max())), stop_token_ids)
+        return padded, prompt_lengths, max_length
+
+    def generate_tokens(self, token_ids, padding_mask, stop_token_ids=()):
+        """Generates into the padding of right-padded `token_ids`.
+
+        Returns `{"token_ids", "padding_mask"}` as NumPy arrays; the mask
+        covers the prompt and generated tokens up to the first stop token.
+        """
+        padded, prompt_lengths, max_length = self._prepare_prompts(token_ids, padding_mask)
+        prefill_length = _bucket(int(prompt_lengths.max()))
+
+        def generate_step(token_ids, prompt_lengths, max_length, seed):
+            cache = self._prefill(token_ids, prefill_length)
+            prompt_mask = ops.arange(ops.shape(token_ids)[1])[None, :] < prompt_lengths[:, None]
+            start = ops.min(prompt_lengths)
+            return self.sampler(
+                self._next_logits,
+                token_ids,
+                cache,
+                start,
+                prompt_mask,
+                max_length,
+                stop_token_ids,
+                seed,
+            )
+
+        function = self._compiled(("generate", prefill_length, stop_token_ids), generate_step)
         output, seed = function(
             ops.convert_to_tensor(padded),
             ops.convert_to_tensor(prompt_lengths),
             ops.convert_to_tensor(max_length, "int32"),
             self.sampler.initial_seed(),
         )
-        if self.sampler.seed_generator is not None:
-            self.sampler.seed_generator.state.assign(seed)
+        self._advance_seed(seed)
         output = np.asarray(ops.convert_to_numpy(output))[:, :max_length]
         # Keep tokens up to and including each row's first generated stop.
-        generated = ~(positions < prompt_lengths[:, None])
+        generated = np.arange(max_length)[None, :] >= prompt_lengths[:, None]
         is_stop = np.isin(output, stop_token_ids) & generated
         after_stop = (np.cumsum(is_stop, axis=1) - is_stop) > 0
         return {"token_ids": output, "padding_mask": (~after_stop).astype("int32")}
+
+    def _advance_seed(self, seed):
+        if self.sampler.seed_generator is not None:
+            self.sampler.seed_generator.state.assign(seed)
+
+    def generate_stream(self, inputs, max_length=None, stop_token_ids="auto"):
+        """Yields the text of one prompt piece by piece as it is decoded.
+
+        Same arguments as `generate` for a single prompt string. Each step is
+        one compiled call, so the pieces arrive as fast as tokens are made;
+        a piece is held back while it ends in an incomplete UTF-8 character.
+
+        Example:
+            for piece in lm.generate_stream("Tell me a story", max_length=64):
+                print(piece, end="", flush=True)
+        """
+        stop_token_ids = self._stop_token_ids(stop_token_ids)
+        if self.preprocessor is None:
+            raise ValueError("`generate_stream` takes text, so it needs a preprocessor.")
+        if not isinstance(inputs, str):
+            raise TypeError(
+                "`generate_stream` takes one prompt string; for a batch use `generate`. "
+                f"Received: {type(inputs).__name__}"
+            )
+        self._ensure_sampler_streams()
+        batch = self.preprocessor.generate_preprocess([inputs], sequence_length=max_length)
+        padded, prompt_lengths, max_length = self._prepare_prompts(
+            batch["token_ids"], batch["padding_mask"]
+        )
+        prefill_length = _bucket(int(prompt_lengths[0]))
+        prefill = self._compiled(
+            ("prefill", prefill_length),
+            lambda ids: self._prefill(ids, prefill_length),
+            whole_loop=False,
+        )
+        step = self._compiled(
+            ("step",),
+            lambda ids, cache, index, mask, seed: self.sampler.step(
+                self._next_logits, ids, cache, index, mask, seed
+            ),
+            whole_loop=False,
+        )
+        ids = ops.convert_to_tensor(padded)
+        mask = ops.convert_to_tensor(np.arange(padded.shape[1])[None] < prompt_lengths[:, None])
+        cache = prefill(ids)
+        seed = self.sampler.initial_seed()
+        tokenizer = self.preprocessor.tokenizer
+        special = {tokenizer.pad_token_id, tokenizer.start_token_id, tokenizer.end_token_id}
+        generated, emitted = [], ""
+        try:
+            for index in range(int(prompt_lengths[0]), max_length):
+                ids, cache, _, seed = step(
+                    ids, cache, ops.convert_to_tensor(index, "int32"), mask, seed
+                )
+                token = int(ops.convert_to_numpy(ids[0, index]))
+                if token in stop_token_ids:
+                    break
+                if token in special:
+                    continue
+                generated.append(token)
+                text = tokenizer.detokenize(generated)
+                if not text.endswith("\ufffd") and len(text) > len(emitted):
+                    yield text[len(emitted) :]
+                    emitted = text
+        finally:
+            self._advance_seed(seed)
+
+    def _ensure_sampler_streams(self):
+        if isinstance(self.sampler, samplers_lib.BeamSampler):
+            raise ValueError(
+                "Beam search cannot stream token by token; compile with a sampling "
+                "sampler (e.g. 'greedy' or 'top_k') or use `generate`."
+            )
 
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
         """Generates text (or tokens) from prompts.

@@ -72,6 +72,22 @@ class Sampler:
             token = self.get_next_token(probabilities)
         return token, scope.get_current_value(state)
 
+    def step(self, next, prompt, cache, index, mask, seed):
+        """Decodes position `index`: one iteration of the loop in `__call__`.
+
+        Streaming generation calls it directly, once per token.
+
+        Returns:
+            `(prompt, cache, index + 1, seed)`.
+        """
+        logits, cache = next(prompt, cache, index)
+        token, seed = self._draw(self.compute_probabilities(logits), seed)
+        token = ops.cast(token, prompt.dtype)
+        # Positions still inside a (longer) prompt keep the prompt token.
+        token = ops.where(ops.take(mask, index, axis=1), ops.take(prompt, index, axis=1), token)
+        prompt = ops.slice_update(prompt, [0, index], token[:, None])
+        return prompt, cache, index + 1, seed
+
     def __call__(self, next, prompt, cache, index, mask, max_length, stop_token_ids=(), seed=None):
         """Fills `prompt` from `index` up to `max_length`.
 
@@ -100,13 +116,7 @@ class Sampler:
             return going
 
         def body(prompt, cache, index, seed):
-            logits, cache = next(prompt, cache, index)
-            token, seed = self._draw(self.compute_probabilities(logits), seed)
-            token = ops.cast(token, prompt.dtype)
-            # Positions still inside a (longer) prompt keep the prompt token.
-            token = ops.where(ops.take(mask, index, axis=1), ops.take(prompt, index, axis=1), token)
-            prompt = ops.slice_update(prompt, [0, index], token[:, None])
-            return prompt, cache, index + 1, seed
+            return self.step(next, prompt, cache, index, mask, seed)
 
         prompt, _, _, seed = ops.while_loop(cond, body, (prompt, cache, index, seed))
         return prompt, seed
@@ -240,6 +250,12 @@ class BeamSampler(Sampler):
         if not isinstance(num_beams, int) or num_beams < 1:
             raise ValueError(f"`num_beams` must be a positive integer. Received: {num_beams!r}")
         self.num_beams = num_beams
+
+    def step(self, next, prompt, cache, index, mask, seed):
+        raise ValueError(
+            "Beam search keeps several candidates until the end, so it cannot "
+            "stream token by token; use `generate`, or a sampling sampler."
+        )
 
     def __call__(self, next, prompt, cache, index, mask, max_length, stop_token_ids=(), seed=None):
         beams = self.num_beams
