@@ -343,9 +343,14 @@ class GemmaCausalLM(keras.Model):
                     continue
                 generated.append(token)
                 text = tokenizer.detokenize(generated)
+                # Hold back a piece ending in half a UTF-8 character (a byte
+                # token) until its other bytes arrive.
                 if not text.endswith("\ufffd") and len(text) > len(emitted):
                     yield text[len(emitted) :]
                     emitted = text
+            text = tokenizer.detokenize(generated)
+            if len(text) > len(emitted):
+                yield text[len(emitted) :]
         finally:
             self._advance_seed(seed)
 

@@ -101,6 +101,9 @@ class GemmaAttention(keras.layers.Layer):
         self.output_dense.build((None, None, n, h))
         self.rotary_embedding = RotaryEmbedding(dtype=policy)
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=policy)
+        # Weightless, but `Model.quantize` refuses models with unbuilt layers.
+        self.rotary_embedding.build((None, None, n, h))
+        self.dropout_layer.build((None, kv, n // kv, None, None))
 
     def call(self, x, padding_mask=None, cache=None, cache_update_index=0, training=None):
         query = self.rotary_embedding(self.query_dense(x), start_index=cache_update_index)

@@ -60,6 +60,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
             name="feed_forward",
         )
         self.residual_dropout = keras.layers.Dropout(self.dropout, dtype=policy)
+        self.residual_dropout.build(input_shape)
         for layer in (
             self.pre_attention_norm,
             self.attention,
