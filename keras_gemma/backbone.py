@@ -11,6 +11,10 @@ from keras_gemma.layers import RMSNormalization
 from keras_gemma.presets import PRESETS
 
 
+def _is_quantizable(layer):
+    return isinstance(layer, (keras.layers.EinsumDense, keras.layers.ReversibleEmbedding))
+
+
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaBackbone(keras.Model):
     """The Gemma decoder stack, without the language-model head.
@@ -59,6 +63,7 @@ class GemmaBackbone(keras.Model):
         layer_norm_epsilon=1e-6,
         dropout=0.0,
         dtype=None,
+        quantization_mode=None,
         **kwargs,
     ):
         config = GemmaConfig(
@@ -109,6 +114,9 @@ class GemmaBackbone(keras.Model):
             block.build(hidden_shape)
         self.final_normalization.build(hidden_shape)
         self.built = True
+        if quantization_mode is not None:
+            # A reloaded quantized model: make int8 variables for the weights.
+            self.quantize(quantization_mode)
 
     # Read-only views of the config, named as keras-hub names them.
     vocabulary_size = property(lambda self: self.config.vocabulary_size)
@@ -257,10 +265,27 @@ class GemmaBackbone(keras.Model):
             config, device_mesh, model_parallel_dim_name, data_parallel_dim_name
         )
 
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Keras's `Model.quantize`, applied to the projections and embedding.
+
+        Only `EinsumDense` projections and the (tied) token embedding hold
+        quantizable weights; norms stay in the compute dtype.
+        Example: `backbone.quantize("int8")`.
+        """
+        if filters is None:
+            filters = _is_quantizable
+        super().quantize(mode, config=config, filters=filters, **kwargs)
+
     def get_config(self):
-        return {
+        config = {
             "name": self.name,
             "trainable": self.trainable,
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
-            **{k: v for k, v in self.config.to_dict().items()},
+            **self.config.to_dict(),
         }
+        # Keras's `Layer.quantization_mode` is this model's own (None); the
+        # projections carry the mode that a reload must recreate.
+        mode = self.transformer_layers[0].attention.query_dense.quantization_mode
+        if mode is not None:
+            config["quantization_mode"] = mode
+        return config

@@ -129,6 +129,10 @@ class GemmaCausalLM(keras.Model):
         self.sampler = samplers_lib.get(sampler)
         self._generate_functions = {}
 
+    def quantize(self, mode=None, **kwargs):
+        """Quantizes the backbone's weights (e.g. `"int8"`); see `GemmaBackbone.quantize`."""
+        self.backbone.quantize(mode, **kwargs)
+
     def _warn_if_updates_vanish(self):
         low_precision = any(
             keras.backend.standardize_dtype(v.dtype) in ("bfloat16", "float16")
