@@ -39,3 +39,18 @@ def compile_stateless(fn, model, whole_loop=True):
 
         return no_grad
     return fn
+
+
+def compile_decode_step(fn, enabled):
+    """The per-token forward pass, compiled where the loop is not.
+
+    JAX and TensorFlow compile the whole decode loop. PyTorch runs it in
+    Python and pays Keras's per-op dispatch on every step; with
+    `compile(jit_compile=True)` the step goes through `torch.compile`
+    (about 2x faster on this CPU, after ~50 s of compiling on 2 cores).
+    """
+    if enabled and keras.config.backend() == "torch":
+        import torch
+
+        return torch.compile(fn, dynamic=False)
+    return fn

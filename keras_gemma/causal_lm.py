@@ -202,6 +202,14 @@ class GemmaCausalLM(keras.Model):
         )
         return self.compute_logits(hidden)[:, 0], cache
 
+    def _decode_next(self):
+        """`_next_logits`, compiled per backend settings and weights."""
+        enabled = getattr(self, "jit_compile", False) is True
+        key = ("next", enabled, tuple(id(v) for v in self.variables))
+        if key not in self._generate_functions:
+            self._generate_functions[key] = _backend.compile_decode_step(self._next_logits, enabled)
+        return self._generate_functions[key]
+
     def _prefill(self, token_ids, prefill_length):
         """A cache holding the keys/values of the first `prefill_length` tokens."""
         batch_size, length = ops.shape(token_ids)
@@ -256,13 +264,14 @@ class GemmaCausalLM(keras.Model):
         """
         padded, prompt_lengths, max_length = self._prepare_prompts(token_ids, padding_mask)
         prefill_length = _bucket(int(prompt_lengths.max()))
+        next_logits = self._decode_next()
 
         def generate_step(token_ids, prompt_lengths, max_length, seed):
             cache = self._prefill(token_ids, prefill_length)
             prompt_mask = ops.arange(ops.shape(token_ids)[1])[None, :] < prompt_lengths[:, None]
             start = ops.min(prompt_lengths)
             return self.sampler(
-                self._next_logits,
+                next_logits,
                 token_ids,
                 cache,
                 start,
@@ -272,7 +281,9 @@ class GemmaCausalLM(keras.Model):
                 seed,
             )
 
-        function = self._compiled(("generate", prefill_length, stop_token_ids), generate_step)
+        function = self._compiled(
+            ("generate", prefill_length, stop_token_ids, id(next_logits)), generate_step
+        )
         output, seed = function(
             ops.convert_to_tensor(padded),
             ops.convert_to_tensor(prompt_lengths),
@@ -316,15 +327,16 @@ class GemmaCausalLM(keras.Model):
             batch["token_ids"], batch["padding_mask"]
         )
         prefill_length = _bucket(int(prompt_lengths[0]))
+        next_logits = self._decode_next()
         prefill = self._compiled(
             ("prefill", prefill_length),
             lambda ids: self._prefill(ids, prefill_length),
             whole_loop=False,
         )
         step = self._compiled(
-            ("step",),
+            ("step", id(next_logits)),
             lambda ids, cache, index, mask, seed: self.sampler.step(
-                self._next_logits, ids, cache, index, mask, seed
+                next_logits, ids, cache, index, mask, seed
             ),
             whole_loop=False,
         )

@@ -3,6 +3,8 @@ from keras import ops
 
 from keras_gemma.layers.projection import projection
 from keras_gemma.layers.rotary_embedding import RotaryEmbedding
+from keras_gemma.layers.rotary_embedding import apply_rotary
+from keras_gemma.layers.rotary_embedding import rotary_angles
 
 # Masked logits get this instead of -inf: a fully masked row (a padding query)
 # then softmaxes to a harmless uniform average instead of NaN.
@@ -106,8 +108,16 @@ class GemmaAttention(keras.layers.Layer):
         self.dropout_layer.build((None, kv, n // kv, None, None))
 
     def call(self, x, padding_mask=None, cache=None, cache_update_index=0, training=None):
-        query = self.rotary_embedding(self.query_dense(x), start_index=cache_update_index)
-        key = self.rotary_embedding(self.key_dense(x), start_index=cache_update_index)
+        # The angles are shared by queries and keys; computing them here (not
+        # through two layer calls) also trims per-step overhead when decoding.
+        cos, sin = rotary_angles(
+            ops.shape(x)[1],
+            self.head_dim,
+            cache_update_index,
+            self.rotary_embedding.max_wavelength,
+        )
+        query = apply_rotary(self.query_dense(x), cos, sin)
+        key = apply_rotary(self.key_dense(x), cos, sin)
         value = self.value_dense(x)
         if cache is not None:
             key_cache, value_cache = cache
@@ -129,7 +139,8 @@ class GemmaAttention(keras.layers.Layer):
         logits = ops.cast(logits, "float32")
         logits = ops.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
         probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
-        probabilities = self.dropout_layer(probabilities, training=training)
+        if self.dropout > 0:
+            probabilities = self.dropout_layer(probabilities, training=training)
         output = ops.einsum("bkgts,bskh->btkgh", probabilities, value)
         return ops.reshape(output, (batch, length, self.num_query_heads, h))
 

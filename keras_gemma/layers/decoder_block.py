@@ -79,10 +79,14 @@ class GemmaDecoderBlock(keras.layers.Layer):
         )
         if cache is not None:
             attended, cache = attended
-        x = x + self.residual_dropout(attended, training=training)
-        fed = self.feed_forward(self.pre_ffw_norm(x))
-        x = x + self.residual_dropout(fed, training=training)
+        x = x + self._dropout(attended, training)
+        x = x + self._dropout(self.feed_forward(self.pre_ffw_norm(x)), training)
         return x if cache is None else (x, cache)
+
+    def _dropout(self, x, training):
+        # Skipping the layer call at rate 0 saves its overhead in every
+        # eager decode step.
+        return self.residual_dropout(x, training=training) if self.dropout > 0 else x
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -2,6 +2,22 @@ import keras
 from keras import ops
 
 
+def rotary_angles(length, head_dim, start_index=0, max_wavelength=10000.0):
+    """`(cos, sin)` of the rotation angles, each `[1, length, 1, head_dim / 2]`."""
+    exponents = ops.arange(0, head_dim, 2, dtype="float32") / head_dim
+    inverse_frequencies = 1.0 / ops.power(max_wavelength, exponents)
+    positions = ops.arange(length, dtype="float32") + ops.cast(start_index, "float32")
+    angles = positions[:, None] * inverse_frequencies[None, :]  # [t, h/2]
+    return ops.cos(angles)[None, :, None, :], ops.sin(angles)[None, :, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotates `x` (`[batch, length, heads, head_dim]`) by `rotary_angles`."""
+    x1, x2 = ops.split(ops.cast(x, "float32"), 2, axis=-1)
+    rotated = ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return ops.cast(rotated, x.dtype)
+
+
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class RotaryEmbedding(keras.layers.Layer):
     """Rotary position embedding (RoPE) in Gemma's half-split layout.
@@ -31,18 +47,10 @@ class RotaryEmbedding(keras.layers.Layer):
         self.max_wavelength = max_wavelength
 
     def call(self, x, start_index=0):
-        head_dim = ops.shape(x)[-1]
-        seq_len = ops.shape(x)[1]
-        exponents = ops.arange(0, head_dim, 2, dtype="float32") / head_dim
-        inverse_frequencies = 1.0 / ops.power(self.max_wavelength, exponents)
-        positions = ops.arange(seq_len, dtype="float32")
-        positions = positions + ops.cast(start_index, "float32")
-        angles = positions[:, None] * inverse_frequencies[None, :]  # [t, h/2]
-        cos = ops.cos(angles)[None, :, None, :]  # [1, t, 1, h/2]
-        sin = ops.sin(angles)[None, :, None, :]
-        x1, x2 = ops.split(ops.cast(x, "float32"), 2, axis=-1)
-        rotated = ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-        return ops.cast(rotated, x.dtype)
+        cos, sin = rotary_angles(
+            ops.shape(x)[1], ops.shape(x)[-1], start_index, self.max_wavelength
+        )
+        return apply_rotary(x, cos, sin)
 
     def get_config(self):
         return {**super().get_config(), "max_wavelength": self.max_wavelength}
