@@ -226,17 +226,32 @@ def build_with_weights(build, loaders):
         missing, extra = sorted(paths - set(loaders)), sorted(set(loaders) - paths)
         raise CheckpointError(f"Weights do not match the model: missing {missing}, extra {extra}.")
     if not deferred:
-        for variable in variables:
+        for variable in _with_progress(variables):
             variable.assign(_cast(loaders[variable.path](), variable.dtype))
         return model
     try:
-        for variable in variables:
+        for variable in _with_progress(variables):
             load = loaders[variable.path]
             variable._initializer = lambda shape, dtype, load=load: _cast(load(), dtype)
             variable._deferred_initialize()
     finally:
         _forget_uninitialized(variables)
     return model
+
+
+# Loads above this size show a progress bar (a 2B model takes ~40 s on CPU).
+_PROGRESS_BYTES = 2**28
+
+
+def _with_progress(variables):
+    total = sum(int(np.prod(v.shape)) for v in variables) * 2
+    if total < _PROGRESS_BYTES:
+        yield from variables
+        return
+    bar = keras.utils.Progbar(len(variables), unit_name="tensor")
+    for i, variable in enumerate(variables):
+        yield variable
+        bar.update(i + 1)
 
 
 def _forget_uninitialized(variables):
