@@ -30,6 +30,9 @@ import os
 import numpy as np
 from keras import ops
 
+from keras_gemma.checkpoints._io import SafetensorsFile
+from keras_gemma.checkpoints._io import atomic_file
+from keras_gemma.checkpoints._io import save_arrays
 from keras_gemma.weight_names import huggingface_tensors
 
 # Projections LoRA may target, by layer name, and where each lives in a block.
@@ -157,16 +160,6 @@ def lora_weights(backbone):
     return weights
 
 
-def _safetensors():
-    try:
-        import safetensors.numpy
-    except ImportError as error:
-        raise ImportError(
-            "LoRA files are safetensors files; install them with `pip install safetensors`."
-        ) from error
-    return safetensors.numpy
-
-
 def save_lora_weights(backbone, path):
     """Writes the adapters (float32) to a safetensors file keyed by layer path.
 
@@ -182,27 +175,19 @@ def save_lora_weights(backbone, path):
         "target_layer_names": json.dumps(list(targets)),
         "num_layers": str(backbone.num_layers),
     }
-    directory = os.path.dirname(os.fspath(path))
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in lora_weights(backbone).items()}
-    _safetensors().save_file(tensors, os.fspath(path), metadata=metadata)
+    save_arrays(path, lora_weights(backbone), metadata)
 
 
 def _read_lora_file(path):
-    from safetensors import safe_open
-
-    _safetensors()
-    with safe_open(os.fspath(path), framework="numpy") as reader:
-        metadata = reader.metadata() or {}
-        if metadata.get("format") != _FORMAT:
-            raise ValueError(
-                f"'{path}' is not a keras_gemma LoRA file (no '{_FORMAT}' header); "
-                "save one with `backbone.save_lora_weights(path)`. For Hugging Face "
-                "PEFT adapters use the PEFT library."
-            )
-        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    return metadata, tensors
+    reader = SafetensorsFile(path)
+    metadata = reader.metadata
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(
+            f"'{path}' is not a keras_gemma LoRA file (no '{_FORMAT}' header); "
+            "save one with `backbone.save_lora_weights(path)`. For Hugging Face "
+            "PEFT adapters use the PEFT library."
+        )
+    return metadata, {name: reader.read(name) for name in reader.tensors}
 
 
 def load_lora_weights(backbone, path):
@@ -376,14 +361,9 @@ def export_lora_to_peft(backbone, directory, base_model_name_or_path=None):
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(adapter_config, f, indent=2)
-    _safetensors().save_file(
-        tensors,
-        os.path.join(directory, "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    save_arrays(os.path.join(directory, "adapter_model.safetensors"), tensors, {"format": "pt"})
+    with atomic_file(os.path.join(directory, "adapter_config.json")) as temporary:
+        temporary.write_text(json.dumps(adapter_config, indent=2))
 
 
 def lora_parameter_count(config, rank, target_layer_names=None):

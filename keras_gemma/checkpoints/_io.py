@@ -92,6 +92,21 @@ def atomic_directory(target):
         os.rename(temporary, target)
 
 
+@contextlib.contextmanager
+def atomic_file(target):
+    """Yields a temporary path that replaces the file `target` once the block succeeds."""
+    target = pathlib.Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(handle)
+    try:
+        yield pathlib.Path(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        pathlib.Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 # Safetensors, read and written with NumPy so bfloat16 works and files are
 # streamed one tensor at a time. Format: 8-byte little-endian header length,
 # a JSON header `{name: {dtype, shape, data_offsets}}`, then the raw data.
@@ -137,7 +152,7 @@ class SafetensorsFile:
                 header = json.loads(file.read(header_size))
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise CheckpointError(f"{self.path} has a corrupt safetensors header.") from None
-        header.pop("__metadata__", None)
+        self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + header_size
         self.tensors = {}
         for name, info in header.items():
@@ -170,6 +185,13 @@ class SafetensorsFile:
         if array.size != count:
             raise CheckpointError(f"{self.path} is truncated inside tensor {name!r}.")
         return array.reshape(shape)
+
+
+def save_arrays(path, arrays, metadata=None):
+    """Atomically writes `{name: array}` as a safetensors file."""
+    entries = [(k, v.shape, v.dtype, lambda v=v: v) for k, v in arrays.items()]
+    with atomic_file(path) as temporary:
+        write_safetensors(temporary, entries, metadata)
 
 
 def write_safetensors(path, tensors, metadata=None):
