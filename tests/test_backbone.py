@@ -2,7 +2,6 @@ import keras
 import numpy as np
 import pytest
 from conftest import make_backbone
-from helpers import assert_close
 from helpers import assert_config_round_trip
 from helpers import to_numpy
 

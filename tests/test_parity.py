@@ -1,11 +1,9 @@
 """Logits and greedy tokens equal independent implementations' on the same weights."""
 
-import keras
 import numpy as np
 import pytest
 from conftest import make_backbone
 from conftest import tiny_backbone_kwargs
-from helpers import assert_close
 from helpers import to_numpy
 
 from keras_gemma import GemmaCausalLM
