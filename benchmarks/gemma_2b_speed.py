@@ -22,15 +22,10 @@ import time
 
 import numpy as np
 
-GEMMA_2B = dict(
-    vocabulary_size=256000,
-    num_layers=18,
-    num_query_heads=8,
-    num_key_value_heads=1,
-    hidden_dim=2048,
-    intermediate_dim=32768,
-    head_dim=256,
-)
+from keras_gemma.presets import preset_config
+
+# The architecture from the preset table, the one place it is written down.
+GEMMA_2B = preset_config("gemma_2b_en").to_dict()
 
 
 def measure_bandwidth():

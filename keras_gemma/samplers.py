@@ -22,6 +22,15 @@ def _stopped_rows(token_ids, prompt_mask, stop_token_ids):
     return ops.any(generated_stop, axis=-1)
 
 
+def _keep_going(token_ids, index, prompt_mask, max_length, stop_token_ids):
+    """The decode loop's condition: room left and some row not yet stopped."""
+    going = index < max_length
+    if stop_token_ids:
+        all_stopped = ops.all(_stopped_rows(token_ids, prompt_mask, stop_token_ids))
+        going = ops.logical_and(going, ops.logical_not(all_stopped))
+    return going
+
+
 class Sampler:
     """Base class: picks each next token from the model's distribution.
 
@@ -109,11 +118,7 @@ class Sampler:
             seed = self.initial_seed()
 
         def cond(prompt, cache, index, seed):
-            going = index < max_length
-            if stop_token_ids:
-                all_stopped = ops.all(_stopped_rows(prompt, mask, stop_token_ids))
-                going = ops.logical_and(going, ops.logical_not(all_stopped))
-            return going
+            return _keep_going(prompt, index, mask, max_length, stop_token_ids)
 
         def body(prompt, cache, index, seed):
             return self.step(next, prompt, cache, index, mask, seed)
@@ -273,11 +278,7 @@ class BeamSampler(Sampler):
         row_offsets = ops.repeat(ops.arange(batch) * beams, beams)
 
         def cond(prompt, cache, index, scores):
-            going = index < max_length
-            if stop_token_ids:
-                all_stopped = ops.all(_stopped_rows(prompt, mask, stop_token_ids))
-                going = ops.logical_and(going, ops.logical_not(all_stopped))
-            return going
+            return _keep_going(prompt, index, mask, max_length, stop_token_ids)
 
         def body(prompt, cache, index, scores):
             logits, cache = next(prompt, cache, index)
