@@ -42,10 +42,14 @@ class StopAfter(keras.callbacks.Callback):
 
 def show(lm, title):
     print(f"\n== {title}")
-    for prompt, answer in zip(
-        PROMPTS, lm.generate([chat_turn(p) for p in PROMPTS], max_length=48, strip_prompt=True)
-    ):
-        print(f"  {prompt!r:34} -> {answer.strip()!r}")
+    batch = lm.preprocessor.generate_preprocess([chat_turn(p) for p in PROMPTS], 48)
+    outputs = lm.generate(batch)
+    answers = lm.preprocessor.generate_postprocess(
+        outputs, strip_lengths=batch["padding_mask"].sum(axis=1)
+    )
+    new_tokens = outputs["padding_mask"].sum(axis=1) - batch["padding_mask"].sum(axis=1)
+    for prompt, answer, count in zip(PROMPTS, answers, new_tokens):
+        print(f"  {prompt!r:34} -> {answer.strip()!r} ({count} tokens)")
 
 
 def main():
