@@ -125,7 +125,6 @@ class GemmaCausalLM(keras.Model):
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
-        self._warn_if_updates_vanish()
         self.sampler = samplers_lib.get(sampler)
         self._generate_functions = {}
 
@@ -145,7 +144,7 @@ class GemmaCausalLM(keras.Model):
                 "to 1.0 in bfloat16) and small updates round away. For fine-tuning "
                 "use dtype='mixed_bfloat16' (float32 weights, bfloat16 compute), or "
                 "LoRA on a float32/mixed model.",
-                stacklevel=3,
+                stacklevel=3,  # the user's `fit` call
             )
 
     def _ensure_compiled(self):
@@ -156,6 +155,7 @@ class GemmaCausalLM(keras.Model):
 
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         self._ensure_compiled()
+        self._warn_if_updates_vanish()
         x, y, sample_weight, batch_size = adapt_fit_inputs(
             self.preprocessor, x, y, sample_weight, batch_size, kwargs.get("shuffle", True)
         )

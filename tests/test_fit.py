@@ -51,8 +51,9 @@ def test_fit_runs_in_each_dtype(tokenizer, dtype, variable_dtype):
     if dtype == "bfloat16":
         # Pure bfloat16 weights round away small updates (and Keras's Adam
         # makes none): plain SGD with a large step shows gradients flow.
+        lm.compile(optimizer=keras.optimizers.Adam())
         with pytest.warns(UserWarning, match="mixed_bfloat16"):
-            lm.compile(optimizer=keras.optimizers.Adam())
+            lm.fit(["The fox."], batch_size=1, verbose=0)
         lm.compile(optimizer=keras.optimizers.SGD(0.5))
     else:
         lm.compile()  # the defaults
