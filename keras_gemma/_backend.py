@@ -29,7 +29,7 @@ def compile_stateless(fn, model, whole_loop=True):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=whole_loop)
+        return tf.function(fn, jit_compile=whole_loop and _xla_helps_tensorflow(model))
     if backend == "torch":
         import torch
 
@@ -39,6 +39,20 @@ def compile_stateless(fn, model, whole_loop=True):
 
         return no_grad
     return fn
+
+
+def _xla_helps_tensorflow(model):
+    """Whether to compile TensorFlow's decode loop with XLA.
+
+    It does for float32 (8x faster on the small benchmark config) and on
+    accelerators. XLA's CPU backend computes bfloat16 dots in float32 and
+    hoists the weight conversions out of the loop; measured on 2B here:
+    1.1 tokens/s and 21 GB peak with XLA, 1.6 tokens/s and 7.5 GB without.
+    """
+    import tensorflow as tf
+
+    low_precision = model.compute_dtype in ("bfloat16", "float16")
+    return not (low_precision and not tf.config.list_logical_devices("GPU"))
 
 
 def compile_decode_step(fn, enabled):
