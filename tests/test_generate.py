@@ -139,3 +139,16 @@ def test_bad_generate_inputs_are_clear_errors(lm):
         lm.generate({"token_ids": bad, "padding_mask": bad > 0})
     with pytest.raises(ValueError, match="right-padded"):
         lm.generate({"token_ids": np.array([[0, 2, 5, 0]]), "padding_mask": [[0, 1, 1, 0]]})
+
+
+def test_no_recompilation_within_a_bucket(lm, monkeypatch):
+    if keras.config.backend() == "torch":
+        pytest.skip("torch decodes eagerly: nothing is traced")
+    lm.compile(sampler="greedy")
+    traces = []
+    prefill = lm._prefill
+    monkeypatch.setattr(lm, "_prefill", lambda *args: traces.append(1) or prefill(*args))
+    # Prompts of 2-6 tokens and totals of 17-32 share one bucket each.
+    for prompt, max_length in [("The", 20), ("What is 3 plus", 28), ("A banana", 32)]:
+        lm.generate(prompt, max_length=max_length)
+    assert len(traces) == 1
