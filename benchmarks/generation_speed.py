@@ -29,6 +29,7 @@ CONFIG = dict(
     head_dim=64,
 )
 PROMPT_LENGTH, NEW_TOKENS = 32, 32
+PREFILL_LENGTH = 512
 
 
 def _time_calls(generate, runs):
@@ -41,6 +42,22 @@ def _time_calls(generate, runs):
         generate()
         times.append(time.perf_counter() - start)
     return first, NEW_TOKENS / statistics.median(times)
+
+
+def _prefill_rate(lm, runs):
+    """Tokens/s of a 512-token prompt's prefill (plus one decoded token)."""
+    import numpy as np
+
+    token_ids = np.zeros((1, PREFILL_LENGTH + 1), "int32")
+    token_ids[0, :PREFILL_LENGTH] = np.random.default_rng(1).integers(3, 32000, PREFILL_LENGTH)
+    inputs = {"token_ids": token_ids, "padding_mask": (token_ids > 0).astype("int32")}
+    lm.generate(inputs, stop_token_ids=None)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        lm.generate(inputs, stop_token_ids=None)
+        times.append(time.perf_counter() - start)
+    return PREFILL_LENGTH / statistics.median(times)
 
 
 def measure(runs, batch_size, torch_compile):
@@ -72,6 +89,7 @@ def measure(runs, batch_size, torch_compile):
         first, speed = _time_calls(lambda: ours.generate(inputs, stop_token_ids=None), runs)
         results.update(ours_compiled_first_s=first, ours_compiled_tokens_per_s=speed * batch_size)
     ours_tokens = ours.generate(inputs, stop_token_ids=None)["token_ids"]
+    results["ours_prefill_tokens_per_s"] = _prefill_rate(ours, runs)
     try:
         import keras_hub
     except ImportError:
@@ -88,6 +106,7 @@ def measure(runs, batch_size, torch_compile):
         theirs.generate(inputs, stop_token_ids=None)["token_ids"]
     )
     results["same_tokens"] = bool((np.asarray(theirs_tokens) == ours_tokens).all())
+    results["keras_hub_prefill_tokens_per_s"] = _prefill_rate(theirs, runs)
     return results
 
 
@@ -127,9 +146,10 @@ def main():
     print(
         f"batch {args.batch_size}, prompt {PROMPT_LENGTH}, {NEW_TOKENS} new tokens, float32, greedy"
     )
+    print(f"(prefill: tokens/s of a {PREFILL_LENGTH}-token prompt, batch 1)")
     print(
         f"{'backend':<11}{'ours tok/s':>11}{'keras-hub':>11}{'ratio':>8}{'vs best kh':>11}"
-        f"{'first call (ours/kh)':>23}  same tokens"
+        f"{'first call (ours/kh)':>23}  same tokens  prefill ours/kh"
     )
     for r in rows:
         kh = r.get("keras_hub_tokens_per_s", float("nan"))
@@ -137,7 +157,9 @@ def main():
             f"{r['backend']:<11}{r['ours_tokens_per_s']:>11.1f}{kh:>11.1f}"
             f"{r['ours_tokens_per_s'] / kh:>8.2f}{r['ours_tokens_per_s'] / best_reference:>11.2f}"
             f"{r['ours_first_s']:>12.1f}s /{r.get('keras_hub_first_s', float('nan')):>6.1f}s"
-            f"  {r.get('same_tokens')}"
+            f"  {str(r.get('same_tokens')):<11}"
+            f"  {r['ours_prefill_tokens_per_s']:.0f}/"
+            f"{r.get('keras_hub_prefill_tokens_per_s', 0):.0f}"
         )
         if "ours_compiled_tokens_per_s" in r:
             compiled = r["ours_compiled_tokens_per_s"]

@@ -13,13 +13,15 @@ from keras_gemma.data import adapt_fit_inputs
 from keras_gemma.preprocessor import _as_string_list
 from keras_gemma.presets import PRESETS
 
-# Generation pads sequence lengths up to these buckets, so new prompt lengths
-# or `max_length`s reuse one compiled loop instead of compiling again.
+# Generation pads sequence lengths up to buckets (16, 24, 32, 48, 64, 96, ...:
+# powers of two and their midpoints), so new prompt lengths or `max_length`s
+# reuse a compiled loop, while padding wastes at most a third.
 _MIN_BUCKET = 16
 
 
 def _bucket(length):
-    return max(_MIN_BUCKET, 2 ** math.ceil(math.log2(length)))
+    power = 2 ** math.ceil(math.log2(max(length, _MIN_BUCKET)))
+    return power * 3 // 4 if length <= power * 3 // 4 and power > _MIN_BUCKET else power
 
 
 def token_log_probabilities(logits, target_ids):

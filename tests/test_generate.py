@@ -148,7 +148,7 @@ def test_no_recompilation_within_a_bucket(lm, monkeypatch):
     traces = []
     prefill = lm._prefill
     monkeypatch.setattr(lm, "_prefill", lambda *args: traces.append(1) or prefill(*args))
-    # Prompts of 2-6 tokens and totals of 17-32 share one bucket each.
-    for prompt, max_length in [("The", 20), ("What is 3 plus", 28), ("A banana", 32)]:
+    # Prompts of 2-6 tokens and totals of 25-32 share one bucket each.
+    for prompt, max_length in [("The", 25), ("What is 3 plus", 28), ("A banana", 32)]:
         lm.generate(prompt, max_length=max_length)
     assert len(traces) == 1
