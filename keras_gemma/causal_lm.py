@@ -77,7 +77,7 @@ class GemmaCausalLM(keras.Model):
     >>> from keras_gemma import GemmaBackbone, GemmaCausalLM
     >>> from keras_gemma import GemmaCausalLMPreprocessor, GemmaTokenizer
     >>> from keras_gemma.tokenizer import train_sentencepiece
-    >>> tokenizer = GemmaTokenizer(train_sentencepiece(["the quick fox"] * 50))
+    >>> tokenizer = GemmaTokenizer(train_sentencepiece(["the quick fox"] * 50, 280))
     >>> backbone = GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(),
     ...     num_layers=1, num_query_heads=2, num_key_value_heads=1,
     ...     hidden_dim=16, intermediate_dim=32, head_dim=8)

@@ -30,7 +30,7 @@ class PreprocessedBatches(keras.utils.PyDataset):
     Example:
     >>> from keras_gemma import GemmaCausalLMPreprocessor, GemmaTokenizer
     >>> from keras_gemma.tokenizer import train_sentencepiece
-    >>> tokenizer = GemmaTokenizer(train_sentencepiece(["a b c"] * 50))
+    >>> tokenizer = GemmaTokenizer(train_sentencepiece(["a b c"] * 50, 268))
     >>> batches = PreprocessedBatches(["a b", "c"], GemmaCausalLMPreprocessor(
     ...     tokenizer, sequence_length=4), batch_size=2)
     >>> len(batches)

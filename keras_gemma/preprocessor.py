@@ -62,7 +62,7 @@ class GemmaCausalLMPreprocessor:
 
     Example:
     >>> from keras_gemma.tokenizer import GemmaTokenizer, train_sentencepiece
-    >>> tokenizer = GemmaTokenizer(train_sentencepiece(["the quick fox"] * 50))
+    >>> tokenizer = GemmaTokenizer(train_sentencepiece(["the quick fox"] * 50, 280))
     >>> preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=8)
     >>> x, y, sample_weight = preprocessor(["the fox"])
     >>> x["token_ids"].shape, y.shape

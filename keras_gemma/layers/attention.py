@@ -62,7 +62,7 @@ class GemmaAttention(keras.layers.Layer):
     >>> import numpy as np
     >>> attention = GemmaAttention(num_query_heads=4, num_key_value_heads=1,
     ...                            head_dim=8)
-    >>> attention(np.ones((2, 5, 16), "float32")).shape
+    >>> tuple(attention(np.ones((2, 5, 16), "float32")).shape)
     (2, 5, 16)
     """
 

@@ -16,7 +16,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
     >>> import numpy as np
     >>> block = GemmaDecoderBlock(intermediate_dim=32, num_query_heads=4,
     ...                           num_key_value_heads=1, head_dim=8)
-    >>> block(np.ones((2, 5, 16), "float32")).shape
+    >>> tuple(block(np.ones((2, 5, 16), "float32")).shape)
     (2, 5, 16)
     """
 

@@ -15,7 +15,7 @@ class GemmaFeedForward(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> ffw = GemmaFeedForward(intermediate_dim=32)
-    >>> ffw(np.ones((2, 3, 8), "float32")).shape
+    >>> tuple(ffw(np.ones((2, 3, 8), "float32")).shape)
     (2, 3, 8)
     """
 

@@ -38,7 +38,7 @@ class RotaryEmbedding(keras.layers.Layer):
     Example:
     >>> import numpy as np
     >>> rope = RotaryEmbedding()
-    >>> rope(np.ones((1, 4, 2, 8), "float32"), start_index=3).shape
+    >>> tuple(rope(np.ones((1, 4, 2, 8), "float32"), start_index=3).shape)
     (1, 4, 2, 8)
     """
 
