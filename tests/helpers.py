@@ -18,3 +18,25 @@ def assert_config_round_trip(obj):
     clone = type(obj).from_config(config)
     assert clone.get_config() == config
     return clone
+
+
+def transformers_copy(backbone):
+    """Hugging Face `GemmaForCausalLM` holding `backbone`'s weights (an oracle)."""
+    import torch
+    import transformers
+
+    from keras_gemma.weight_names import huggingface_config
+    from keras_gemma.weight_names import huggingface_tensors
+
+    model = transformers.GemmaForCausalLM(
+        transformers.GemmaConfig(**huggingface_config(backbone.config))
+    ).eval()
+    weights = {v.path: to_numpy(v) for v in backbone.weights}
+    state = {
+        name: torch.from_numpy(np.ascontiguousarray(to_hf(weights[path])))
+        for path, (name, to_hf, _) in huggingface_tensors(backbone.config).items()
+    }
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    model.tie_weights()
+    return model

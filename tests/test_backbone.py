@@ -62,9 +62,7 @@ def test_bfloat16_backbone_runs_in_bfloat16():
     backbone = make_backbone("mqa", dtype="bfloat16")
     out = backbone(INPUTS)
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
-    assert all(
-        keras.backend.standardize_dtype(v.dtype) == "bfloat16" for v in backbone.weights
-    )
+    assert all(keras.backend.standardize_dtype(v.dtype) == "bfloat16" for v in backbone.weights)
     float32 = make_backbone("mqa")
     for low, high in zip(backbone.weights, float32.weights):
         low.assign(keras.ops.cast(high, "bfloat16"))

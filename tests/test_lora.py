@@ -9,11 +9,10 @@ import pytest
 from conftest import make_backbone
 from helpers import assert_close
 from helpers import to_numpy
+from helpers import transformers_copy
 
 from keras_gemma import GemmaCausalLM
 from keras_gemma import lora
-from keras_gemma.weight_names import huggingface_config
-from keras_gemma.weight_names import huggingface_tensors
 
 TOKENS = np.array([[2, 17, 99, 5, 250, 31, 7, 42], [2, 64, 3, 12, 9, 0, 0, 0]], "int32")
 MASK = (TOKENS > 0).astype("int32")
@@ -146,7 +145,7 @@ def test_merge_folds_adapters_and_removes_them(layout):
 
 def test_peft_export_matches_transformers_with_peft(tmp_path, layout):
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     backbone = make_backbone(layout, seed=1)
     backbone.enable_lora(2, target_layer_names=ALL_TARGETS, lora_alpha=3)
@@ -164,17 +163,8 @@ def test_peft_export_matches_transformers_with_peft(tmp_path, layout):
         "down_proj",
     }
 
-    reference = transformers.GemmaForCausalLM(
-        transformers.GemmaConfig(**huggingface_config(backbone.config))
-    ).eval()
     base = make_backbone(layout, seed=1)
-    weights = {v.path: to_numpy(v) for v in base.weights}
-    state = {
-        name: torch.from_numpy(np.ascontiguousarray(to_hf(weights[path])))
-        for path, (name, to_hf, _) in huggingface_tensors(base.config).items()
-    }
-    reference.load_state_dict(state, strict=False)
-    reference.tie_weights()
+    reference = transformers_copy(base)
     adapted = peft.PeftModel.from_pretrained(reference, str(tmp_path / "peft")).eval()
     with torch.no_grad():
         theirs = adapted(

@@ -5,10 +5,9 @@ import pytest
 from conftest import make_backbone
 from conftest import tiny_backbone_kwargs
 from helpers import to_numpy
+from helpers import transformers_copy
 
 from keras_gemma import GemmaCausalLM
-from keras_gemma.weight_names import huggingface_config
-from keras_gemma.weight_names import huggingface_tensors
 from keras_gemma.weight_names import keras_hub_path
 
 TOKENS = np.array(
@@ -56,17 +55,9 @@ def test_greedy_generation_matches_keras_hub(layout):
 
 def test_logits_match_huggingface_transformers(layout):
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     backbone = make_backbone(layout, seed=1)
-    config = transformers.GemmaConfig(**huggingface_config(backbone.config))
-    reference = transformers.GemmaForCausalLM(config).eval()
-    weights = {v.path: to_numpy(v) for v in backbone.weights}
-    state = {}
-    for path, (name, to_hf, _) in huggingface_tensors(backbone.config).items():
-        state[name] = torch.from_numpy(np.ascontiguousarray(to_hf(weights[path])))
-    missing, unexpected = reference.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    reference.tie_weights()
+    reference = transformers_copy(backbone)
     with torch.no_grad():
         theirs = reference(
             input_ids=torch.from_numpy(TOKENS).long(),

@@ -16,6 +16,7 @@ import pytest
 from conftest import make_backbone
 from conftest import tiny_backbone_kwargs
 from helpers import to_numpy
+from helpers import transformers_copy
 
 from keras_gemma import GemmaBackbone
 from keras_gemma import GemmaCausalLM
@@ -25,8 +26,6 @@ from keras_gemma import checkpoints
 from keras_gemma.checkpoints import CheckpointError
 from keras_gemma.checkpoints import PresetDownloadError
 from keras_gemma.tokenizer import train_sentencepiece
-from keras_gemma.weight_names import huggingface_config
-from keras_gemma.weight_names import huggingface_tensors
 from keras_gemma.weight_names import keras_hub_path
 
 TOKENS = np.array([[2, 17, 99, 5, 250, 31, 7, 42], [2, 64, 3, 12, 0, 0, 0, 0]], "int32")
@@ -63,18 +62,9 @@ def keras_hub_preset(tmp_path_factory, vocab_proto):
 @pytest.fixture(scope="module")
 def huggingface_checkpoint(tmp_path_factory, vocab_proto):
     """A transformers `save_pretrained` (safetensors) directory plus tokenizer.model."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    backbone = make_backbone("gqa", seed=5)
-    config = transformers.GemmaConfig(**huggingface_config(backbone.config))
-    model = transformers.GemmaForCausalLM(config).eval()
-    weights = {v.path: to_numpy(v) for v in backbone.weights}
-    state = {
-        name: torch.from_numpy(np.ascontiguousarray(to_hf(weights[path])))
-        for path, (name, to_hf, _) in huggingface_tensors(backbone.config).items()
-    }
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    model = transformers_copy(make_backbone("gqa", seed=5))
     directory = tmp_path_factory.mktemp("hf") / "checkpoint"
     model.save_pretrained(directory, safe_serialization=True)
     (directory / "tokenizer.model").write_bytes(vocab_proto)
