@@ -11,7 +11,8 @@ def compile_stateless(fn, model, whole_loop=True):
     TensorFlow: a `tf.function`, compiled with XLA for a `whole_loop` (8x
     faster decoding here) but not for one streaming step, which XLA took
     ~20 s to compile on CPU for little gain. PyTorch: eager under
-    `torch.no_grad()` (the decode loop is a Python loop there).
+    `torch.no_grad()` (the decode loop is a Python loop there, over
+    `keras_gemma.torch_decoding`).
     The caller caches the result per set of model variables.
     """
     backend = keras.config.backend()
@@ -53,18 +54,3 @@ def _xla_helps_tensorflow(model):
 
     low_precision = model.compute_dtype in ("bfloat16", "float16")
     return not (low_precision and not tf.config.list_logical_devices("GPU"))
-
-
-def compile_decode_step(fn, enabled):
-    """The per-token forward pass, compiled where the loop is not.
-
-    JAX and TensorFlow compile the whole decode loop. PyTorch runs it in
-    Python and pays Keras's per-op dispatch on every step; with
-    `compile(jit_compile=True)` the step goes through `torch.compile`
-    (about 2x faster on this CPU, after ~50 s of compiling on 2 cores).
-    """
-    if enabled and keras.config.backend() == "torch":
-        import torch
-
-        return torch.compile(fn, dynamic=False)
-    return fn

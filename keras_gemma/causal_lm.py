@@ -204,14 +204,6 @@ class GemmaCausalLM(keras.Model):
         )
         return self.compute_logits(hidden)[:, 0], cache
 
-    def _decode_next(self):
-        """`_next_logits`, compiled per backend settings and weights."""
-        enabled = getattr(self, "jit_compile", False) is True
-        key = ("next", enabled, tuple(id(v) for v in self.variables))
-        if key not in self._generate_functions:
-            self._generate_functions[key] = _backend.compile_decode_step(self._next_logits, enabled)
-        return self._generate_functions[key]
-
     def _prefill(self, token_ids, prefill_length):
         """A cache holding the keys/values of the first `prefill_length` tokens."""
         batch_size, length = ops.shape(token_ids)
@@ -222,8 +214,28 @@ class GemmaCausalLM(keras.Model):
         _, cache = self.backbone.compute_hidden_states(token_ids[:, :prefill_length], cache=cache)
         return cache
 
+    def _decoding_functions(self):
+        """`(prefill, next_logits)` for one generation call.
+
+        PyTorch decodes eagerly, where Keras's per-op dispatch would cost
+        two thirds of each step, so it runs the same computation in plain
+        torch (`keras_gemma.torch_decoding`), reading this call's weights.
+        """
+        if keras.config.backend() == "torch":
+            from keras_gemma.torch_decoding import TorchDecoder
+
+            decoder = TorchDecoder(self.backbone)
+            return decoder.prefill, decoder.next_logits
+        return self._prefill, self._next_logits
+
     def _compiled(self, key, function, whole_loop=True):
-        """`function` compiled for this backend, cached per key and weights."""
+        """`function` compiled for this backend, cached per key and weights.
+
+        Eager PyTorch has nothing to cache, and its functions close over
+        this call's weights, so they are wrapped afresh each call.
+        """
+        if keras.config.backend() == "torch":
+            return _backend.compile_stateless(function, self)
         key = (key, tuple(id(v) for v in self.variables))
         if key not in self._generate_functions:
             self._generate_functions[key] = _backend.compile_stateless(
@@ -266,10 +278,10 @@ class GemmaCausalLM(keras.Model):
         """
         padded, prompt_lengths, max_length = self._prepare_prompts(token_ids, padding_mask)
         prefill_length = _bucket(int(prompt_lengths.max()))
-        next_logits = self._decode_next()
+        prefill, next_logits = self._decoding_functions()
 
         def generate_step(token_ids, prompt_lengths, max_length, seed):
-            cache = self._prefill(token_ids, prefill_length)
+            cache = prefill(token_ids, prefill_length)
             prompt_mask = ops.arange(ops.shape(token_ids)[1])[None, :] < prompt_lengths[:, None]
             start = ops.min(prompt_lengths)
             return self.sampler(
@@ -283,9 +295,7 @@ class GemmaCausalLM(keras.Model):
                 seed,
             )
 
-        function = self._compiled(
-            ("generate", prefill_length, stop_token_ids, id(next_logits)), generate_step
-        )
+        function = self._compiled(("generate", prefill_length, stop_token_ids), generate_step)
         output, seed = function(
             ops.convert_to_tensor(padded),
             ops.convert_to_tensor(prompt_lengths),
@@ -329,14 +339,14 @@ class GemmaCausalLM(keras.Model):
             batch["token_ids"], batch["padding_mask"]
         )
         prefill_length = _bucket(int(prompt_lengths[0]))
-        next_logits = self._decode_next()
+        prefill_cache, next_logits = self._decoding_functions()
         prefill = self._compiled(
             ("prefill", prefill_length),
-            lambda ids: self._prefill(ids, prefill_length),
+            lambda ids: prefill_cache(ids, prefill_length),
             whole_loop=False,
         )
         step = self._compiled(
-            ("step", id(next_logits)),
+            "step",
             lambda ids, cache, index, mask, seed: self.sampler.step(
                 next_logits, ids, cache, index, mask, seed
             ),
