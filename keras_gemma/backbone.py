@@ -1,5 +1,7 @@
 """GemmaBackbone: token ids in, final hidden states out."""
 
+import functools
+
 import keras
 from keras import ops
 
@@ -13,6 +15,24 @@ from keras_gemma.presets import PRESETS
 
 def _is_quantizable(layer):
     return isinstance(layer, (keras.layers.EinsumDense, keras.layers.ReversibleEmbedding))
+
+
+def weight_only_int8_by_default(model):
+    """Makes `model.quantize("int8")` weight-only (activations stay float).
+
+    Keras wraps `quantize` on each instance and fills in its own default
+    config (int8 activations too) before the class's method runs, so the
+    default has to be set on the instance, outside that wrapper.
+    """
+    keras_quantize = model.quantize
+
+    @functools.wraps(keras_quantize)
+    def quantize(mode=None, config=None, **kwargs):
+        if mode == "int8" and config is None:
+            config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+        return keras_quantize(mode, config=config, **kwargs)
+
+    model.quantize = quantize
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -78,6 +98,7 @@ class GemmaBackbone(keras.Model):
             dropout=dropout,
         )
         super().__init__(dtype=dtype, **kwargs)
+        weight_only_int8_by_default(self)
         self.config = config
         policy = self.dtype_policy
         self.token_embedding = keras.layers.ReversibleEmbedding(
@@ -269,7 +290,11 @@ class GemmaBackbone(keras.Model):
         """Keras's `Model.quantize`, applied to the projections and embedding.
 
         Only `EinsumDense` projections and the (tied) token embedding hold
-        quantizable weights; norms stay in the compute dtype.
+        quantizable weights; norms stay in the compute dtype. `"int8"` is
+        weight-only by default (per-output-channel int8 weights, activations
+        left in the compute dtype), which is what makes decoding faster;
+        pass a `keras.quantizers.Int8QuantizationConfig` for Keras's
+        int8-activation variant.
         Example: `backbone.quantize("int8")`.
         """
         if filters is None:

@@ -9,6 +9,7 @@ from keras import ops
 
 from keras_gemma import _backend
 from keras_gemma import samplers as samplers_lib
+from keras_gemma.backbone import weight_only_int8_by_default
 from keras_gemma.data import adapt_fit_inputs
 from keras_gemma.preprocessor import _as_string_list
 from keras_gemma.presets import PRESETS
@@ -89,6 +90,7 @@ class GemmaCausalLM(keras.Model):
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         super().__init__(dtype=backbone.dtype_policy, **kwargs)
+        weight_only_int8_by_default(self)
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.sampler = samplers_lib.get("greedy")
@@ -131,7 +133,8 @@ class GemmaCausalLM(keras.Model):
         self._generate_functions = {}
 
     def quantize(self, mode=None, **kwargs):
-        """Quantizes the backbone's weights (e.g. `"int8"`); see `GemmaBackbone.quantize`."""
+        """Quantizes the backbone's weights (e.g. `"int8"`, weight-only); see
+        `GemmaBackbone.quantize`."""
         self.backbone.quantize(mode, **kwargs)
 
     def _warn_if_updates_vanish(self):

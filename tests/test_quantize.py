@@ -15,6 +15,10 @@ def test_int8_quantization_keeps_logits_close_and_shrinks_weights():
     float_bytes = sum(np.prod(v.shape) * 4 for v in lm.weights)
     lm.quantize("int8")
     assert lm.backbone.get_config()["quantization_mode"] == "int8"
+    # Weight-only by default: activations are not quantized.
+    query = lm.backbone.transformer_layers[0].attention.query_dense
+    assert query.inputs_quantizer is None
+    assert lm.backbone.token_embedding.inputs_quantizer is None
     kernels = [v for v in lm.weights if v.path.endswith("kernel") or v.path.endswith("embeddings")]
     assert all(keras.backend.standardize_dtype(v.dtype) == "int8" for v in kernels)
     int8_bytes = sum(
@@ -38,3 +42,9 @@ def test_quantized_model_generates_saves_and_loads(tmp_path, tokenizer):
     assert restored.backbone.get_config()["quantization_mode"] == "int8"
     np.testing.assert_array_equal(to_numpy(restored(INPUTS)), to_numpy(lm(INPUTS)))
     assert restored.generate("The", max_length=16) == text
+
+
+def test_an_explicit_config_still_quantizes_activations():
+    backbone = make_backbone("mqa", seed=9)
+    backbone.quantize("int8", config=keras.quantizers.Int8QuantizationConfig())
+    assert backbone.transformer_layers[0].attention.query_dense.inputs_quantizer is not None
