@@ -10,6 +10,8 @@ from keras_gemma import lora
 from keras_gemma.config import GemmaConfig
 from keras_gemma.layers import GemmaDecoderBlock
 from keras_gemma.layers import RMSNormalization
+from keras_gemma.layers.projection import quantization_config
+from keras_gemma.layers.projection import quantized_policy
 from keras_gemma.presets import PRESETS
 
 
@@ -28,8 +30,8 @@ def weight_only_int8_by_default(model):
 
     @functools.wraps(keras_quantize)
     def quantize(mode=None, config=None, **kwargs):
-        if mode == "int8" and config is None:
-            config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+        if config is None:
+            config = quantization_config(mode)
         return keras_quantize(mode, config=config, **kwargs)
 
     model.quantize = quantize
@@ -59,6 +61,9 @@ class GemmaBackbone(keras.Model):
         layer_norm_epsilon: RMS normalization epsilon.
         dropout: dropout rate in attention and after each residual branch.
         dtype: a dtype or `keras.DTypePolicy`, e.g. `"bfloat16"`.
+        quantization_mode: e.g. `"int8"`: build the projections and embedding
+            quantized (what `get_config` records after `quantize()`), so a
+            quantized checkpoint loads without ever allocating float weights.
 
     Example:
     >>> import numpy as np
@@ -101,6 +106,7 @@ class GemmaBackbone(keras.Model):
         weight_only_int8_by_default(self)
         self.config = config
         policy = self.dtype_policy
+        # A reloaded quantized model builds its quantized variables directly.
         self.token_embedding = keras.layers.ReversibleEmbedding(
             vocabulary_size,
             hidden_dim,
@@ -108,7 +114,8 @@ class GemmaBackbone(keras.Model):
             embeddings_initializer=keras.initializers.VarianceScaling(
                 scale=1.0, mode="fan_in", distribution="untruncated_normal"
             ),
-            dtype=policy,
+            dtype=quantized_policy(policy, quantization_mode),
+            quantization_config=quantization_config(quantization_mode),
             name="token_embedding",
         )
         self.transformer_layers = [
@@ -119,6 +126,7 @@ class GemmaBackbone(keras.Model):
                 head_dim=head_dim,
                 layer_norm_epsilon=layer_norm_epsilon,
                 dropout=dropout,
+                quantization_mode=quantization_mode,
                 dtype=policy,
                 name=f"decoder_block_{i}",
             )
@@ -135,9 +143,6 @@ class GemmaBackbone(keras.Model):
             block.build(hidden_shape)
         self.final_normalization.build(hidden_shape)
         self.built = True
-        if quantization_mode is not None:
-            # A reloaded quantized model: make int8 variables for the weights.
-            self.quantize(quantization_mode)
 
     # Read-only views of the config, named as keras-hub names them.
     vocabulary_size = property(lambda self: self.config.vocabulary_size)

@@ -70,31 +70,39 @@ class GemmaConfig:
     def to_dict(self):
         return dataclasses.asdict(self)
 
-    def weight_shapes(self):
+    def weight_shapes(self, quantization_mode=None):
         """Every weight of the backbone by variable path, with its shape.
 
         Weight files are checked against this before anything is loaded, and
         the parameter count comes from it, so no weights need allocating.
+        With `quantization_mode="int8"` the kernels and embedding (same
+        shapes, int8) come with the per-output-channel scales Keras adds.
         """
         d, h = self.hidden_dim, self.head_dim
         n, kv = self.num_query_heads, self.num_key_value_heads
         f = self.intermediate_dim // 2
+        # Keras keeps each int8 kernel's scale in the shape of its outputs.
+        scales = quantization_mode == "int8"
         shapes = {"token_embedding/embeddings": (self.vocabulary_size, d)}
+        if scales:
+            shapes["token_embedding/embeddings_scale"] = (self.vocabulary_size,)
         for i in range(self.num_layers):
             block = f"decoder_block_{i}"
-            shapes.update(
-                {
-                    f"{block}/pre_attention_norm/scale": (d,),
-                    f"{block}/attention/query/kernel": (n, d, h),
-                    f"{block}/attention/key/kernel": (kv, d, h),
-                    f"{block}/attention/value/kernel": (kv, d, h),
-                    f"{block}/attention/attention_output/kernel": (n, h, d),
-                    f"{block}/pre_ffw_norm/scale": (d,),
-                    f"{block}/feed_forward/ffw_gating/kernel": (d, f),
-                    f"{block}/feed_forward/ffw_gating_2/kernel": (d, f),
-                    f"{block}/feed_forward/ffw_linear/kernel": (f, d),
-                }
-            )
+            kernels = {
+                "attention/query": ((n, d, h), (1, 1, n, h)),
+                "attention/key": ((kv, d, h), (1, 1, kv, h)),
+                "attention/value": ((kv, d, h), (1, 1, kv, h)),
+                "attention/attention_output": ((n, h, d), (1, 1, d)),
+                "feed_forward/ffw_gating": ((d, f), (1, 1, f)),
+                "feed_forward/ffw_gating_2": ((d, f), (1, 1, f)),
+                "feed_forward/ffw_linear": ((f, d), (1, 1, d)),
+            }
+            shapes[f"{block}/pre_attention_norm/scale"] = (d,)
+            shapes[f"{block}/pre_ffw_norm/scale"] = (d,)
+            for name, (kernel, scale) in kernels.items():
+                shapes[f"{block}/{name}/kernel"] = kernel
+                if scales:
+                    shapes[f"{block}/{name}/kernel_scale"] = scale
         shapes["final_normalization/scale"] = (d,)
         return shapes
 

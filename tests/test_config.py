@@ -40,6 +40,12 @@ def test_weight_shapes_match_built_backbone(layout):
     built = {v.path: tuple(v.shape) for v in backbone.weights}
     assert built == GemmaConfig(**kwargs).weight_shapes()
     assert backbone.count_params() == GemmaConfig(**kwargs).num_parameters()
+    # Quantized in place, or built quantized: the same int8 variables.
+    backbone.quantize("int8")
+    quantized = {v.path: tuple(v.shape) for v in backbone.weights}
+    assert quantized == GemmaConfig(**kwargs).weight_shapes("int8")
+    rebuilt = GemmaBackbone(**kwargs, quantization_mode="int8")
+    assert {v.path: tuple(v.shape) for v in rebuilt.weights} == quantized
 
 
 @pytest.mark.parametrize(

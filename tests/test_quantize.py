@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 from conftest import make_backbone
 from helpers import to_numpy
 
@@ -48,3 +49,24 @@ def test_an_explicit_config_still_quantizes_activations():
     backbone = make_backbone("mqa", seed=9)
     backbone.quantize("int8", config=keras.quantizers.Int8QuantizationConfig())
     assert backbone.transformer_layers[0].attention.query_dense.inputs_quantizer is not None
+
+
+def test_int8_presets_round_trip_without_float_weights(tmp_path, tokenizer):
+    lm = GemmaCausalLM(make_backbone("gqa", seed=4), GemmaCausalLMPreprocessor(tokenizer, 24))
+    lm.quantize("int8")
+    lm.save_to_preset(tmp_path / "int8")
+    restored = GemmaCausalLM.from_preset(tmp_path / "int8")
+    int8 = [v for v in restored.weights if keras.backend.standardize_dtype(v.dtype) == "int8"]
+    assert len(int8) == 1 + 7 * lm.backbone.num_layers  # embedding and every projection
+    for ours, theirs in zip(lm.weights, restored.weights):
+        assert ours.path == theirs.path
+        np.testing.assert_array_equal(to_numpy(ours), to_numpy(theirs))
+    assert restored.generate("The", max_length=16) == lm.generate("The", max_length=16)
+
+
+def test_quantized_models_do_not_export_to_huggingface(tmp_path):
+    lm = GemmaCausalLM(make_backbone("mqa", seed=4))
+    lm.quantize("int8")
+    with pytest.raises(ValueError, match="quantized"):
+        lm.export_to_huggingface(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

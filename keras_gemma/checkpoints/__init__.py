@@ -92,15 +92,20 @@ def _backbone_from(directory, config, load_weights, dtype, **kwargs):
     arguments = {**config.to_dict(), **kwargs}
     if dtype is not None:
         arguments["dtype"] = dtype
+    module = _layout_module(directory)
+    quantization_mode = None
+    if module is _keras_layout:
+        quantization_mode = _keras_layout.read_quantization_mode(directory)
+        if quantization_mode:
+            arguments["quantization_mode"] = quantization_mode
 
     def build():
         return GemmaBackbone(**arguments)
 
     if not load_weights:
         return build()
-    module = _layout_module(directory)
     if module is _keras_layout:
-        loaders, close = _keras_layout.weight_loaders(directory, config)
+        loaders, close = _keras_layout.weight_loaders(directory, config, quantization_mode)
     else:
         loaders, close = _hf_layout.weight_loaders(directory, config), lambda: None
     try:
@@ -214,6 +219,11 @@ def export_huggingface(model, directory, tokenizer=None):
     `transformers.GemmaForCausalLM.from_pretrained`.
     """
     backbone = getattr(model, "backbone", model)
+    if backbone.get_config().get("quantization_mode"):
+        raise ValueError(
+            "This model is quantized; Hugging Face Gemma checkpoints hold float weights. "
+            "Export the model before `quantize()`, or save it with `save_to_preset`."
+        )
     if tokenizer is None and getattr(model, "preprocessor", None) is not None:
         tokenizer = model.preprocessor.tokenizer
     with atomic_directory(directory) as temporary:

@@ -74,15 +74,17 @@ def h5_dataset(path):
     >>> h5_dataset("decoder_block_1/feed_forward/ffw_gating/kernel")
     'layers/gemma_decoder_block_1/gating_ffw/vars/0'
     """
-    theirs = keras_hub_path(path).rsplit("/", 1)[0]  # drop `kernel`/`scale`/...
+    theirs, leaf = keras_hub_path(path).rsplit("/", 1)
+    # An int8 layer's scale follows its kernel, as Keras orders the variables.
+    index = 1 if leaf in ("kernel_scale", "embeddings_scale") else 0
     if theirs == "token_embedding":
-        return "layers/reversible_embedding/vars/0"
+        return f"layers/reversible_embedding/vars/{index}"
     if theirs == "final_normalization":
         return "layers/rms_normalization/vars/0"
     match = re.fullmatch(r"decoder_block_(\d+)/(.+)", theirs)
     if not match or match.group(2) not in _H5_GROUPS:
         raise KeyError(f"No keras-hub H5 location for variable {path!r}.")
-    return f"{_block_group(int(match.group(1)))}/{_H5_GROUPS[match.group(2)]}/vars/0"
+    return f"{_block_group(int(match.group(1)))}/{_H5_GROUPS[match.group(2)]}/vars/{index}"
 
 
 def _block_group(index):
@@ -117,6 +119,15 @@ def read_config(directory):
     if isinstance(dtype, dict):
         dtype = dtype.get("config", {}).get("name")
     return gemma_config, dtype
+
+
+def read_quantization_mode(directory):
+    """`"int8"` for a preset saved from a quantized model, else None.
+
+    A keras_gemma extension of the config: keras-hub does not read it.
+    """
+    data = read_json(pathlib.Path(directory) / CONFIG_FILE)
+    return data["config"].get("quantization_mode")
 
 
 def read_sequence_length(directory):
@@ -181,12 +192,12 @@ class _H5Weights:
             file.close()
 
 
-def weight_loaders(directory, config):
+def weight_loaders(directory, config, quantization_mode=None):
     """Checks every weight's shape, then returns `{our path: load()}` and a closer."""
     weights = _H5Weights(directory)
     try:
         loaders = {}
-        for path, shape in config.weight_shapes().items():
+        for path, shape in config.weight_shapes(quantization_mode).items():
             key = h5_dataset(path)
             dataset = weights.dataset(key)
             check_shape(path, shape, dataset.shape, f"{directory} ({key})")
@@ -231,7 +242,7 @@ def _policy(name):
     }
 
 
-def backbone_json(config, dtype):
+def backbone_json(config, dtype, quantization_mode=None):
     return _serialized(
         "gemma_backbone",
         "GemmaBackbone",
@@ -242,6 +253,7 @@ def backbone_json(config, dtype):
             **config.to_dict(),
             **_GEMMA1_OPTIONS,
             "sliding_window_size": 4096,
+            **({"quantization_mode": quantization_mode} if quantization_mode else {}),
         },
     )
 
@@ -286,7 +298,8 @@ def write_backbone(directory, backbone):
 
     directory = pathlib.Path(directory)
     dtype = backbone.dtype_policy.name
-    write_json(directory / CONFIG_FILE, backbone_json(backbone.config, dtype))
+    quantization_mode = backbone.get_config().get("quantization_mode")
+    write_json(directory / CONFIG_FILE, backbone_json(backbone.config, dtype, quantization_mode))
     variables = {v.path: v for v in backbone.weights}
     with h5py.File(directory / WEIGHTS_FILE, "w") as file:
         file.create_group("vars").attrs["name"] = "gemma_backbone"
@@ -298,13 +311,14 @@ def write_backbone(directory, backbone):
             file.create_group(f"{block}/attention/vars").attrs["name"] = "attention"
             for group, attr in _EMPTY_BLOCK_GROUPS.items():
                 file.create_group(f"{block}/{group}/vars").attrs["name"] = attr
-        for path in backbone.config.weight_shapes():
+        for path in backbone.config.weight_shapes(quantization_mode):
             key = h5_dataset(path)
-            group = file.require_group(key.rsplit("/", 1)[0])
+            group_name, index = key.rsplit("/", 1)
+            group = file.require_group(group_name)
             group.attrs["name"] = keras_hub_path(path).rsplit("/", 2)[-2]
             # One tensor on the host at a time.
             array = np.asarray(keras.ops.convert_to_numpy(variables[path].value))
-            dataset = group.create_dataset("0", data=array)
+            dataset = group.create_dataset(index, data=array)
             if array.dtype == ml_dtypes.bfloat16:
                 dataset.attrs["dtype"] = "bfloat16"
             del array
@@ -340,7 +354,11 @@ def write_preprocessor(directory, preprocessor):
 
 def write_task(directory, backbone, preprocessor):
     config = {
-        "backbone": backbone_json(backbone.config, backbone.dtype_policy.name),
+        "backbone": backbone_json(
+            backbone.config,
+            backbone.dtype_policy.name,
+            backbone.get_config().get("quantization_mode"),
+        ),
         "preprocessor": preprocessor_json(preprocessor) if preprocessor is not None else None,
         "name": "gemma_causal_lm",
     }

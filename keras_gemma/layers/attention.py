@@ -47,6 +47,7 @@ class GemmaAttention(keras.layers.Layer):
         head_dim: size of each head.
         dropout: dropout rate on attention probabilities while training.
         kernel_initializer: initializer of the four projections.
+        quantization_mode: e.g. `"int8"`: build the projections quantized.
 
     Call arguments:
         x: `[batch, sequence, hidden_dim]` inputs.
@@ -73,6 +74,7 @@ class GemmaAttention(keras.layers.Layer):
         head_dim,
         dropout=0.0,
         kernel_initializer="glorot_uniform",
+        quantization_mode=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -87,22 +89,32 @@ class GemmaAttention(keras.layers.Layer):
         self.head_dim = head_dim
         self.dropout = dropout
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        # (`quantization_mode` is Keras's name for this layer's own policy.)
+        self.projection_quantization_mode = quantization_mode
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
         n, kv, h = self.num_query_heads, self.num_key_value_heads, self.head_dim
-        init, policy = self.kernel_initializer, self.dtype_policy
-        self.query_dense = projection("btd,ndh->btnh", (None, n, h), init, policy, "query")
-        self.key_dense = projection("bsd,kdh->bskh", (None, kv, h), init, policy, "key")
-        self.value_dense = projection("bsd,kdh->bskh", (None, kv, h), init, policy, "value")
-        self.output_dense = projection(
-            "btnh,nhd->btd", (None, hidden_dim), init, policy, "attention_output"
-        )
+
+        def dense(equation, output_shape, name):
+            return projection(
+                equation,
+                output_shape,
+                self.kernel_initializer,
+                self.dtype_policy,
+                name,
+                self.projection_quantization_mode,
+            )
+
+        self.query_dense = dense("btd,ndh->btnh", (None, n, h), "query")
+        self.key_dense = dense("bsd,kdh->bskh", (None, kv, h), "key")
+        self.value_dense = dense("bsd,kdh->bskh", (None, kv, h), "value")
+        self.output_dense = dense("btnh,nhd->btd", (None, hidden_dim), "attention_output")
         for layer in (self.query_dense, self.key_dense, self.value_dense):
             layer.build(input_shape)
         self.output_dense.build((None, None, n, h))
-        self.rotary_embedding = RotaryEmbedding(dtype=policy)
-        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=policy)
+        self.rotary_embedding = RotaryEmbedding(dtype=self.dtype_policy)
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         # Weightless, but `Model.quantize` refuses models with unbuilt layers.
         self.rotary_embedding.build((None, None, n, h))
         self.dropout_layer.build((None, kv, None, None))
@@ -164,4 +176,5 @@ class GemmaAttention(keras.layers.Layer):
             "head_dim": self.head_dim,
             "dropout": self.dropout,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "quantization_mode": self.projection_quantization_mode,
         }

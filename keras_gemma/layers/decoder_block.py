@@ -29,9 +29,12 @@ class GemmaDecoderBlock(keras.layers.Layer):
         layer_norm_epsilon=1e-6,
         dropout=0.0,
         kernel_initializer="glorot_uniform",
+        quantization_mode=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # (`quantization_mode` is Keras's name for this layer's own policy.)
+        self.projection_quantization_mode = quantization_mode
         self.intermediate_dim = intermediate_dim
         self.num_query_heads = num_query_heads
         self.num_key_value_heads = num_key_value_heads
@@ -49,6 +52,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
             self.head_dim,
             dropout=self.dropout,
             kernel_initializer=self.kernel_initializer,
+            quantization_mode=self.projection_quantization_mode,
             dtype=policy,
             name="attention",
         )
@@ -56,6 +60,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
         self.feed_forward = GemmaFeedForward(
             self.intermediate_dim,
             kernel_initializer=self.kernel_initializer,
+            quantization_mode=self.projection_quantization_mode,
             dtype=policy,
             name="feed_forward",
         )
@@ -101,4 +106,5 @@ class GemmaDecoderBlock(keras.layers.Layer):
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "dropout": self.dropout,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "quantization_mode": self.projection_quantization_mode,
         }

@@ -10,7 +10,8 @@ class GemmaFeedForward(keras.layers.Layer):
     `intermediate_dim` counts both branches together, as Gemma's configs do,
     so each of `ffw_gating` (gate) and `ffw_gating_2` (up) projects to half of
     it. The projections are `EinsumDense` layers so Keras's own LoRA and int8
-    quantization apply to them unchanged.
+    quantization apply to them unchanged; `quantization_mode` builds them
+    quantized.
 
     Example:
     >>> import numpy as np
@@ -19,10 +20,18 @@ class GemmaFeedForward(keras.layers.Layer):
     (2, 3, 8)
     """
 
-    def __init__(self, intermediate_dim, kernel_initializer="glorot_uniform", **kwargs):
+    def __init__(
+        self,
+        intermediate_dim,
+        kernel_initializer="glorot_uniform",
+        quantization_mode=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.intermediate_dim = intermediate_dim
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        # (`quantization_mode` is Keras's name for this layer's own policy.)
+        self.projection_quantization_mode = quantization_mode
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
@@ -35,6 +44,7 @@ class GemmaFeedForward(keras.layers.Layer):
                 self.kernel_initializer,
                 self.dtype_policy,
                 name,
+                self.projection_quantization_mode,
             )
 
         self.ffw_gating = dense("ffw_gating", "btd,df->btf", branch_dim)
@@ -56,4 +66,5 @@ class GemmaFeedForward(keras.layers.Layer):
             **super().get_config(),
             "intermediate_dim": self.intermediate_dim,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "quantization_mode": self.projection_quantization_mode,
         }
