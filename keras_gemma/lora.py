@@ -27,6 +27,7 @@ Example:
 import json
 import os
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -124,6 +125,7 @@ def enable_lora(backbone, rank, target_layer_names=None, lora_alpha=None):
     if lora_alpha is not None and (not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0):
         raise ValueError(f"`lora_alpha` must be a positive number. Received: {lora_alpha!r}")
     targets = _validate_targets(target_layer_names)
+    _check_trainable_through_int8(backbone)
     if lora_state(backbone) is not None:
         raise ValueError(
             "LoRA is already enabled on this backbone "
@@ -139,6 +141,22 @@ def enable_lora(backbone, rank, target_layer_names=None, lora_alpha=None):
         layer.trainable = True
         # Freezes the kernel; the two new float32 adapter matrices train.
         layer.enable_lora(rank, lora_alpha=lora_alpha)
+
+
+def _check_trainable_through_int8(backbone):
+    # Keras's weight-only int8 `EinsumDense` on torch applies its scale
+    # layout twice in the backward pass, which fails on the query/key/value
+    # kernels (keras/src/layers/core/einsum_dense.py, `_int8_call`).
+    if keras.config.backend() != "torch":
+        return
+    query = backbone.transformer_layers[0].attention.query_dense
+    if query.quantization_mode == "int8" and query.inputs_quantizer is None:
+        raise ValueError(
+            "LoRA cannot train through weight-only int8 projections on the torch backend "
+            "(a Keras bug in their backward pass). Quantize the base with int8 activations "
+            "too: backbone.quantize('int8', config=keras.quantizers.Int8QuantizationConfig()), "
+            "or use the JAX or TensorFlow backend."
+        )
 
 
 def _require_lora(backbone):

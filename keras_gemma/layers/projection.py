@@ -20,7 +20,9 @@ def quantized_policy(dtype_policy, mode):
     return keras.dtype_policies.get(f"{mode}_from_{dtype_policy.name}")
 
 
-def projection(equation, output_shape, kernel_initializer, dtype_policy, name, quantization_mode=None):
+def projection(
+    equation, output_shape, kernel_initializer, dtype_policy, name, quantization_mode=None
+):
     """An unbiased `EinsumDense`, the one kind of projection Gemma uses.
 
     Composing Keras's own `EinsumDense` (rather than subclassing it) keeps its
