@@ -59,18 +59,23 @@ def test_prefill_and_steps_equal_the_keras_forward(variant):
         )
 
 
-def test_int8_kernels_are_shared_with_keras_not_copied():
+@pytest.mark.parametrize("variant", ["int8", "bfloat16"])
+def test_relaid_kernels_are_shared_with_keras_and_restored(variant):
     from keras_gemma.torch_decoding import TorchDecoder
 
-    lm = _prepare("int8")
+    lm = _prepare(variant)
     inputs = {"token_ids": np.array([[2, 7, 9, 11]]), "padding_mask": np.ones((1, 4))}
     values = {v.path: to_numpy(v) for v in lm.weights}
     before = to_numpy(lm(inputs))
     decoder = TorchDecoder(lm.backbone)
-    TorchDecoder(lm.backbone)  # a second decoder finds the storage already transposed
+    TorchDecoder(lm.backbone)  # a second decoder finds the storage re-laid already
+    query = lm.backbone.transformer_layers[0].attention.query_dense._kernel
+    # One copy of the weights: the decoder's [out, in] matrix is Keras's storage.
+    assert decoder.blocks[0].query.kernel.is_contiguous()
+    assert decoder.blocks[0].query.kernel.data_ptr() == query.value.data_ptr()
+    assert not query.value.is_contiguous()
     for variable in lm.weights:
         np.testing.assert_array_equal(to_numpy(variable), values[variable.path])
+    # A Keras forward pass restores the contiguous layout, with the same results.
     np.testing.assert_array_equal(to_numpy(lm(inputs)), before)
-    query = lm.backbone.transformer_layers[0].attention.query_dense._kernel.value
-    assert decoder.blocks[0].query.kernel.is_contiguous()
-    assert decoder.blocks[0].query.kernel.data_ptr() == query.data_ptr()
+    assert query.value.is_contiguous()
