@@ -1,15 +1,19 @@
 """Gemma 2B architecture (random weights) generation speed and peak memory.
 
     python benchmarks/gemma_2b_speed.py                       # every backend, bfloat16
+    python benchmarks/gemma_2b_speed.py --keras-hub           # + keras-hub and transformers
     python benchmarks/gemma_2b_speed.py --backend torch --quantize int8
-    python benchmarks/gemma_2b_speed.py --keras-hub           # keras-hub beside, same run
 
 Batch 1, a 32-token prompt, 8 new tokens, greedy; tokens/s counts new tokens
-over the whole call (prefill included) after one warm-up call. Peak resident
-memory is the process's maximum RSS. The memory-bandwidth bound is the
-weight bytes each token reads, divided by the bandwidth of a float32
-matrix-vector product measured here with NumPy. Not part of CI: it needs
-~10 GB of memory and minutes per backend.
+over the whole call (prefill included) after one warm-up call. Each model
+runs in its own process; peak resident memory is that process's maximum RSS
+(the "base" column is the RSS after imports, before any weights). The
+memory-bandwidth bound is the weight bytes each token reads, divided by the
+bandwidth of a float32 matrix-vector product measured here with NumPy.
+With `--quantize int8` our model is quantized once and saved as an int8
+preset (in `--int8-preset`), and the measured process loads that preset, as
+a user serving int8 weights would. Not part of CI: it needs ~12 GB of memory
+and minutes per backend.
 """
 
 import argparse
@@ -52,14 +56,76 @@ def _random_backbone(cls, dtype):
     return build_with_weights(lambda: cls(**GEMMA_2B, dtype=dtype), loaders)
 
 
+def _rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def make_int8_preset(args):
+    from keras_gemma import GemmaBackbone
+
+    backbone = _random_backbone(GemmaBackbone, args.dtype)
+    backbone.quantize("int8")
+    backbone.save_to_preset(args.int8_preset)
+
+
+def _prompt(args):
+    length = args.prompt_length + args.new_tokens
+    token_ids = np.zeros((1, length), "int32")
+    token_ids[0, : args.prompt_length] = np.random.default_rng(1).integers(
+        3, 256000, args.prompt_length
+    )
+    return token_ids
+
+
+def measure_transformers(args):
+    """Hugging Face transformers' GemmaForCausalLM, same architecture, bfloat16."""
+    import torch
+    import transformers
+
+    from keras_gemma.config import GemmaConfig
+    from keras_gemma.weight_names import huggingface_config
+
+    base = _rss_gb()
+    torch.set_default_dtype(getattr(torch, args.dtype))  # weights made in bf16 directly
+    config = transformers.GemmaConfig(**huggingface_config(GemmaConfig(**GEMMA_2B)))
+    with torch.no_grad():
+        model = transformers.GemmaForCausalLM(config).eval()
+    prompt = torch.from_numpy(_prompt(args)[:, : args.prompt_length]).long()
+
+    def generate():
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
+
+    start = time.perf_counter()
+    generate()
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    generate()
+    seconds = time.perf_counter() - start
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "backend": "torch",
+        "library": "transformers",
+        "quantize": None,
+        "tokens_per_s": args.new_tokens / seconds,
+        "first_call_s": first_s,
+        "weight_gb": weight_bytes / 1e9,
+        "base_rss_gb": base,
+        "peak_rss_gb": _rss_gb(),
+    }
+
+
 def measure(args):
     import keras
 
     from keras_gemma import GemmaBackbone
     from keras_gemma import GemmaCausalLM
 
+    base = _rss_gb()
     start = time.perf_counter()
-    if args.keras_hub:
+    if args.quantize and not args.keras_hub:
+        lm = GemmaCausalLM(GemmaBackbone.from_preset(args.int8_preset))
+    elif args.keras_hub:
         import keras_hub
 
         from keras_gemma.weight_names import keras_hub_path
@@ -73,15 +139,12 @@ def measure(args):
         lm = keras_hub.models.GemmaCausalLM(backbone)
     else:
         lm = GemmaCausalLM(_random_backbone(GemmaBackbone, args.dtype))
-    if args.quantize:
+    if args.quantize and args.keras_hub:
         lm.quantize(args.quantize)
     lm.compile(sampler="greedy")
     build_s = time.perf_counter() - start
     length = args.prompt_length + args.new_tokens
-    token_ids = np.zeros((1, length), "int32")
-    token_ids[0, : args.prompt_length] = np.random.default_rng(1).integers(
-        3, 256000, args.prompt_length
-    )
+    token_ids = _prompt(args)
     inputs = {
         "token_ids": token_ids,
         "padding_mask": (np.arange(length) < args.prompt_length)[None].astype("int32"),
@@ -104,7 +167,8 @@ def measure(args):
         "first_call_s": first_s,
         "build_s": build_s,
         "weight_gb": weight_bytes / 1e9,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "base_rss_gb": base,
+        "peak_rss_gb": _rss_gb(),
     }
 
 
@@ -115,51 +179,64 @@ def main():
     parser.add_argument("--backend", choices=["jax", "torch", "tensorflow"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--quantize", choices=["int8"])
-    parser.add_argument("--keras-hub", action="store_true", help="also measure keras-hub")
+    parser.add_argument(
+        "--keras-hub",
+        action="store_true",
+        help="also measure keras-hub on each backend, and transformers (bfloat16 only)",
+    )
+    parser.add_argument("--int8-preset", default="/tmp/keras_gemma_2b_int8")
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["measure", "transformers", "int8-preset"])
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args)))
+        child = {
+            "measure": measure,
+            "transformers": measure_transformers,
+            "int8-preset": make_int8_preset,
+        }[args.child]
+        print(json.dumps(child(args)))
         return
+
+    def run(child, backend, *extra):
+        command = [sys.executable, __file__, "--child", child, "--dtype", args.dtype]
+        command += ["--prompt-length", str(args.prompt_length)]
+        command += ["--new-tokens", str(args.new_tokens), "--int8-preset", args.int8_preset]
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        result = subprocess.run(command + list(extra), env=env, capture_output=True, text=True)
+        if result.returncode:
+            print(f"{backend} {child} {' '.join(extra)} failed:\n{result.stderr[-2000:]}")
+            return None
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    if args.quantize and not os.path.isdir(args.int8_preset):
+        run("int8-preset", "torch")
     bandwidth = measure_bandwidth()
     backends = [args.backend] if args.backend else ["jax", "torch", "tensorflow"]
+    quantize = ["--quantize", args.quantize] if args.quantize else []
     rows = []
     for backend in backends:
         for keras_hub in [False, True] if args.keras_hub else [False]:
-            command = [
-                sys.executable,
-                __file__,
-                "--child",
-                "--dtype",
-                args.dtype,
-                "--prompt-length",
-                str(args.prompt_length),
-                "--new-tokens",
-                str(args.new_tokens),
-            ]
-            command += ["--quantize", args.quantize] if args.quantize else []
-            command += ["--keras-hub"] if keras_hub else []
-            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-            result = subprocess.run(command, env=env, capture_output=True, text=True)
-            if result.returncode:
-                library = "keras-hub" if keras_hub else "keras_gemma"
-                print(f"{backend} {library} failed:\n{result.stderr[-2000:]}")
-                continue
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            rows.append(run("measure", backend, *quantize, *(["--keras-hub"] * keras_hub)))
             print(json.dumps(rows[-1]), flush=True)
+    if args.keras_hub and not args.quantize and "torch" in backends:
+        rows.append(run("transformers", "torch"))
+        print(json.dumps(rows[-1]), flush=True)
+    rows = [r for r in rows if r is not None]
     print(f"\nmemory bandwidth (float32 GEMV, NumPy): {bandwidth:.1f} GB/s")
     print(
-        f"{'backend':<11}{'library':<12}{'tok/s':>7}{'bound':>7}{'of bound':>9}"
-        f"{'peak GB':>9}{'peak/weights':>13}{'first s':>8}"
+        f"{'backend':<11}{'library':<13}{'tok/s':>7}{'bound':>7}{'of bound':>9}{'vs kh':>7}"
+        f"{'peak GB':>9}{'base GB':>8}{'peak/weights':>13}{'first s':>8}"
     )
+    keras_hub_speed = {r["backend"]: r["tokens_per_s"] for r in rows if r["library"] == "keras-hub"}
     for r in rows:
         bound = bandwidth / r["weight_gb"]
+        versus = r["tokens_per_s"] / keras_hub_speed.get(r["backend"], float("nan"))
         print(
-            f"{r['backend']:<11}{r['library']:<12}{r['tokens_per_s']:>7.2f}{bound:>7.2f}"
-            f"{r['tokens_per_s'] / bound:>9.0%}{r['peak_rss_gb']:>9.1f}"
-            f"{r['peak_rss_gb'] / r['weight_gb']:>13.2f}{r['first_call_s']:>8.1f}"
+            f"{r['backend']:<11}{r['library']:<13}{r['tokens_per_s']:>7.2f}{bound:>7.2f}"
+            f"{r['tokens_per_s'] / bound:>9.0%}{versus:>7.2f}{r['peak_rss_gb']:>9.1f}"
+            f"{r['base_rss_gb']:>8.1f}{r['peak_rss_gb'] / r['weight_gb']:>13.2f}"
+            f"{r['first_call_s']:>8.1f}"
         )
 
 

@@ -60,7 +60,7 @@ def _prefill_rate(lm, runs):
     return PREFILL_LENGTH / statistics.median(times)
 
 
-def measure(runs, batch_size, torch_compile):
+def measure(runs, batch_size):
     import keras
     import numpy as np
 
@@ -84,10 +84,6 @@ def measure(runs, batch_size, torch_compile):
     results = {"backend": keras.config.backend(), "batch_size": batch_size}
     first, speed = _time_calls(lambda: ours.generate(inputs, stop_token_ids=None), runs)
     results.update(ours_first_s=first, ours_tokens_per_s=speed * batch_size)
-    if keras.config.backend() == "torch" and torch_compile:
-        ours.compile(sampler="greedy", jit_compile=True)
-        first, speed = _time_calls(lambda: ours.generate(inputs, stop_token_ids=None), runs)
-        results.update(ours_compiled_first_s=first, ours_compiled_tokens_per_s=speed * batch_size)
     ours_tokens = ours.generate(inputs, stop_token_ids=None)["token_ids"]
     results["ours_prefill_tokens_per_s"] = _prefill_rate(ours, runs)
     try:
@@ -117,14 +113,9 @@ def main():
     parser.add_argument("--backend", choices=["jax", "torch", "tensorflow"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument(
-        "--torch-compile",
-        action="store_true",
-        help="also time torch with compile(jit_compile=True) (torch.compile, ~1 min to compile)",
-    )
     args = parser.parse_args()
     if args.backend:
-        print(json.dumps(measure(args.runs, args.batch_size, args.torch_compile)))
+        print(json.dumps(measure(args.runs, args.batch_size)))
         return
     rows = []
     for backend in ("jax", "torch", "tensorflow"):
@@ -138,7 +129,6 @@ def main():
             str(args.runs),
             "--batch-size",
             str(args.batch_size),
-            *(["--torch-compile"] if args.torch_compile else []),
         ]
         output = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
         rows.append(json.loads(output.stdout.strip().splitlines()[-1]))
@@ -161,12 +151,6 @@ def main():
             f"  {r['ours_prefill_tokens_per_s']:.0f}/"
             f"{r.get('keras_hub_prefill_tokens_per_s', 0):.0f}"
         )
-        if "ours_compiled_tokens_per_s" in r:
-            compiled = r["ours_compiled_tokens_per_s"]
-            print(
-                f"{'  +compile':<11}{compiled:>11.1f}{kh:>11.1f}{compiled / kh:>8.2f}"
-                f"{compiled / best_reference:>11.2f}{r['ours_compiled_first_s']:>12.1f}s"
-            )
 
 
 if __name__ == "__main__":
