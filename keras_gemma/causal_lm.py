@@ -228,15 +228,18 @@ class GemmaCausalLM(keras.Model):
         )
         return ops.cast(logits, "float32")
 
-    def _prefill(self, token_ids, prefill_length):
-        """A cache holding the keys/values of the first `prefill_length` tokens."""
+    def _prefill(self, token_ids, prefill_length, start):
+        """The cache of the first `prefill_length` tokens, and the logits
+        `[batch, vocab]` for position `start` (so decoding begins after it)."""
         batch_size, length = ops.shape(token_ids)
         cache = self.backbone.empty_cache(batch_size, length)
         # One pass over the (bucketed) prompts; decoding then only computes
         # its new position. Slots past a shorter prompt are overwritten by
         # the decode steps before any query can see them.
-        _, cache = self.backbone.compute_hidden_states(token_ids[:, :prefill_length], cache=cache)
-        return cache
+        hidden, cache = self.backbone.compute_hidden_states(
+            token_ids[:, :prefill_length], cache=cache
+        )
+        return cache, self._decode_logits(ops.take(hidden, start - 1, axis=1))
 
     def _decoding_functions(self):
         """`(prefill, next_logits)` for one generation call.
@@ -305,14 +308,20 @@ class GemmaCausalLM(keras.Model):
         prefill, next_logits = self._decoding_functions()
 
         def generate_step(token_ids, prompt_lengths, max_length, seed):
-            cache = prefill(token_ids, prefill_length)
             prompt_mask = ops.arange(ops.shape(token_ids)[1])[None, :] < prompt_lengths[:, None]
-            start = ops.min(prompt_lengths)
+            index = ops.min(prompt_lengths)
+            cache, logits = prefill(token_ids, prefill_length, index)
+            if not isinstance(self.sampler, samplers_lib.BeamSampler):
+                # The prefill's own logits give the first token: one decode
+                # step fewer (an eighth of the work for 8 new tokens).
+                token_ids, cache, index, seed = self.sampler.step(
+                    lambda *_: (logits, cache), token_ids, cache, index, prompt_mask, seed
+                )
             return self.sampler(
                 next_logits,
                 token_ids,
                 cache,
-                start,
+                index,
                 prompt_mask,
                 max_length,
                 stop_token_ids,
@@ -366,7 +375,7 @@ class GemmaCausalLM(keras.Model):
         prefill_cache, next_logits = self._decoding_functions()
         prefill = self._compiled(
             ("prefill", prefill_length),
-            lambda ids: prefill_cache(ids, prefill_length),
+            lambda ids: prefill_cache(ids, prefill_length, 1)[0],  # (cache only)
             whole_loop=False,
         )
         step = self._compiled(

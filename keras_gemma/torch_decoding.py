@@ -87,6 +87,15 @@ def _projections(block):
     )
 
 
+def _linear(x, weight):
+    """`x @ weight.T` for an `[out, in]` weight; one row goes through `torch.mv`,
+    whose bfloat16 kernel streams weights at ~25 GB/s here against ~20 GB/s
+    for `F.linear` (measured over 30 distinct 2048x16384 matrices)."""
+    if x.shape[0] == 1:
+        return torch.mv(weight, x[0])[None]
+    return F.linear(x, weight)
+
+
 class _Projection:
     """One `EinsumDense` as a function of `[rows, in]` inputs -> `[rows, out]`.
 
@@ -142,7 +151,7 @@ class _Projection:
         elif self.quantized:
             y = F.linear(x, self.kernel.to(x.dtype)) * self.scale
         elif self.rows_first:
-            y = F.linear(x, self.kernel)
+            y = _linear(x, self.kernel)
         else:
             y = torch.matmul(x, self.kernel)  # per head: [n, rows, h]
             if self.heads == "out":
@@ -195,9 +204,9 @@ class TorchDecoder:
     ...     intermediate_dim=16, head_dim=4))
     >>> if keras.config.backend() == "torch":
     ...     decoder = TorchDecoder(lm.backbone)
-    ...     cache = decoder.prefill(keras.ops.convert_to_tensor([[2, 7, 9, 0]]), 3)
-    ...     logits, cache = decoder.next_logits(
-    ...         keras.ops.convert_to_tensor([[2, 7, 9, 0]]), cache, 3)
+    ...     ids = keras.ops.convert_to_tensor([[2, 7, 9, 0]])
+    ...     cache, logits = decoder.prefill(ids, prefill_length=3, start=3)
+    ...     logits, cache = decoder.next_logits(ids, cache, 3)
     ...     assert tuple(logits.shape) == (1, 50)
     """
 
@@ -226,7 +235,7 @@ class TorchDecoder:
     def logits(self, hidden):
         """Tied output projection, `[rows, hidden] -> [rows, vocab]` float32."""
         if self.embedding_scale is None:
-            return F.linear(hidden, self.embeddings).float()
+            return _linear(hidden, self.embeddings).float()
         if hidden.device.type == "cpu":
             logits = torch.ops.aten._weight_int8pack_mm(
                 hidden, self.embeddings, self.embedding_scale
@@ -278,10 +287,12 @@ class TorchDecoder:
         return x.view(batch, length, -1), updated_cache
 
     @torch.no_grad()
-    def prefill(self, token_ids, prefill_length):
-        """A cache holding the keys/values of the first `prefill_length` tokens."""
+    def prefill(self, token_ids, prefill_length, start):
+        """The cache of the first `prefill_length` tokens, and the logits
+        `[batch, vocab]` for position `start`."""
         cache = self.empty_cache(token_ids.shape[0], token_ids.shape[1])
-        return self.hidden_states(token_ids[:, :prefill_length], cache, 0)[1]
+        hidden, cache = self.hidden_states(token_ids[:, :prefill_length], cache, 0)
+        return cache, self.logits(hidden[:, int(start) - 1])
 
     @torch.no_grad()
     def next_logits(self, ids, cache, index):
