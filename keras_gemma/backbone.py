@@ -256,7 +256,8 @@ class GemmaBackbone(keras.Model):
 
         Directories may be in keras-hub's Kaggle layout or Hugging Face's;
         `load_weights=False` builds fresh weights offline; `dtype` (e.g.
-        `"bfloat16"`) sets the backbone dtype; `kwargs` override the config.
+        `"bfloat16"`) sets the backbone dtype (default: the one it was saved
+        in); `kwargs` override the config.
         """
         from keras_gemma import checkpoints
 

@@ -526,7 +526,8 @@ class GemmaCausalLM(keras.Model):
                 `hf://...`, or a local directory in keras-hub's Kaggle layout
                 or Hugging Face's (detected automatically).
             load_weights: `False` builds fresh weights, offline.
-            dtype: the backbone dtype, e.g. `"bfloat16"`.
+            dtype: the backbone dtype, e.g. `"bfloat16"`; default: the dtype the
+                preset was saved in.
             **kwargs: `sequence_length` for the preprocessor; others
                 override the backbone config (e.g. `dropout`).
         """

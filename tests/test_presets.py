@@ -367,3 +367,11 @@ def test_gemma_2_preset_is_refused(tmp_path, keras_hub_preset):
     (keras_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="not a Gemma 1 preset"):
         GemmaBackbone.from_preset(keras_copy)
+
+
+def test_presets_load_in_the_dtype_they_were_saved_in(tmp_path):
+    backbone = GemmaBackbone(**tiny_backbone_kwargs("mqa"), dtype="bfloat16")
+    backbone.save_to_preset(tmp_path / "bf16")
+    assert GemmaBackbone.from_preset(tmp_path / "bf16").dtype_policy.name == "bfloat16"
+    loaded = GemmaBackbone.from_preset(tmp_path / "bf16", dtype="float32")
+    assert loaded.dtype_policy.name == "float32"

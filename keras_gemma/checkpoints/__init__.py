@@ -86,6 +86,16 @@ def read_config(preset):
     return directory, config, dtype
 
 
+def _loading_dtype(requested, saved):
+    """The dtype to build with: the caller's, else the one the preset was saved
+    in (as keras-hub does: Gemma's published presets are bfloat16)."""
+    if requested is not None:
+        return requested
+    if saved in ("float32", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16"):
+        return saved
+    return None
+
+
 def _backbone_from(directory, config, load_weights, dtype, **kwargs):
     from keras_gemma.backbone import GemmaBackbone
 
@@ -116,7 +126,8 @@ def _backbone_from(directory, config, load_weights, dtype, **kwargs):
 
 def load_backbone(preset, load_weights=True, dtype=None, **kwargs):
     """A `GemmaBackbone` from a preset; see `GemmaBackbone.from_preset`."""
-    directory, config, _ = read_config(preset)
+    directory, config, saved_dtype = read_config(preset)
+    dtype = _loading_dtype(dtype, saved_dtype)
     return _backbone_from(directory, config, load_weights, dtype, **kwargs)
 
 
@@ -173,7 +184,8 @@ def load_causal_lm(preset, load_weights=True, dtype=None, sequence_length=None, 
     """A `GemmaCausalLM` with its preprocessor; see `GemmaCausalLM.from_preset`."""
     from keras_gemma.causal_lm import GemmaCausalLM
 
-    directory, config, _ = read_config(preset)
+    directory, config, saved_dtype = read_config(preset)
+    dtype = _loading_dtype(dtype, saved_dtype)
     # Tokenizer first: a mismatch fails before gigabytes of weights are read.
     tokenizer = _tokenizer_from(directory, config.vocabulary_size)
     preprocessor = _preprocessor_from(directory, tokenizer, sequence_length)
