@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from keras_gemma.layers.attention import _MASKED_LOGIT
-from keras_gemma.layers.rotary_embedding import rotary_angles
+from keras_gemma.layers.rotary_embedding import inverse_frequencies
 
 
 def _value(variable):
@@ -224,6 +224,9 @@ class TorchDecoder:
             self.embeddings = _value(embedding.embeddings).to(self.dtype)
         self.blocks = [_Block(block, self.dtype) for block in backbone.transformer_layers]
         self.final_norm = _value(backbone.final_normalization.scale).float() + 1.0
+        # `rotary_angles`'s frequencies, once: its Keras ops cost more than
+        # the arithmetic at each step.
+        self.inverse_frequencies = inverse_frequencies(config.head_dim)
         self.eps = config.layer_norm_epsilon
 
     def _embed(self, token_ids):
@@ -252,7 +255,11 @@ class TorchDecoder:
         batch, length = token_ids.shape
         kv, h = c.num_key_value_heads, c.head_dim
         groups = c.num_query_heads // kv
-        cos, sin = rotary_angles(length, h, start)  # [1, t, 1, h/2]
+        positions = torch.arange(
+            start, start + length, dtype=torch.float32, device=self.inverse_frequencies.device
+        )
+        angles = (positions[:, None] * self.inverse_frequencies[None, :])[None, :, None, :]
+        cos, sin = angles.cos(), angles.sin()  # [1, t, 1, h/2]
         end = start + length
         # Query t*groups + i is position start + t; keys are cache slots.
         causal = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]

@@ -32,9 +32,10 @@ def attention_mask(query_length, key_length, start_index=0, padding_mask=None):
 # and `[n, h, d]` kernels as stored; with the plain `EinsumDense` equations,
 # each decode step copied every query and output kernel (loop-invariant, but
 # not hoisted out of the `while` loop): 12 MB of copies per token on the small
-# benchmark config, ~15% of single-threaded decode time. They serve cached
-# generation only (training keeps the layer calls: the copy is amortized over
-# the batch there, and broadcasting `x` over heads would cost memory).
+# benchmark config, ~15% of single-threaded decode time. They serve decode
+# steps only (training and prefill keep the layer calls: the copy is
+# amortized over the positions there, and broadcasting `x` over heads would
+# cost memory and time).
 # Quantized layers keep their own call (their kernels are int8 plus scales).
 
 
@@ -162,7 +163,9 @@ class GemmaAttention(keras.layers.Layer):
             cache_update_index,
             self.rotary_embedding.max_wavelength,
         )
-        generating = cache is not None
+        # One new position per row: a decode step (prefill keeps the layer
+        # calls, which do not broadcast `x` over heads).
+        generating = cache is not None and x.shape[1] == 1
         to_heads = _project_to_heads if generating else (lambda layer, x: layer(x))
         query = apply_rotary(to_heads(self.query_dense, x), cos, sin)
         key = apply_rotary(to_heads(self.key_dense, x), cos, sin)

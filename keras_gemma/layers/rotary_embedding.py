@@ -2,12 +2,17 @@ import keras
 from keras import ops
 
 
+def inverse_frequencies(head_dim, max_wavelength=10000.0):
+    """`[head_dim / 2]` float32 rotation speeds: `max_wavelength ** (-2i / head_dim)`."""
+    exponents = ops.arange(0, head_dim, 2, dtype="float32") / head_dim
+    return 1.0 / ops.power(max_wavelength, exponents)
+
+
 def rotary_angles(length, head_dim, start_index=0, max_wavelength=10000.0):
     """`(cos, sin)` of the rotation angles, each `[1, length, 1, head_dim / 2]`."""
-    exponents = ops.arange(0, head_dim, 2, dtype="float32") / head_dim
-    inverse_frequencies = 1.0 / ops.power(max_wavelength, exponents)
+    frequencies = inverse_frequencies(head_dim, max_wavelength)
     positions = ops.arange(length, dtype="float32") + ops.cast(start_index, "float32")
-    angles = positions[:, None] * inverse_frequencies[None, :]  # [t, h/2]
+    angles = positions[:, None] * frequencies[None, :]  # [t, h/2]
     return ops.cos(angles)[None, :, None, :], ops.sin(angles)[None, :, None, :]
 
 
