@@ -13,7 +13,7 @@ def compile_stateless(fn, model, whole_loop=True):
     ~20 s to compile on CPU for little gain. PyTorch: eager under
     `torch.no_grad()` (the decode loop is a Python loop there, over
     `keras_gemma.torch_decoding`).
-    The caller caches the result per set of model variables.
+    JAX and TensorFlow callers cache the result per set of model variables.
     """
     backend = keras.config.backend()
     if backend == "jax":

@@ -19,6 +19,17 @@ def _is_quantizable(layer):
     return isinstance(layer, (keras.layers.EinsumDense, keras.layers.ReversibleEmbedding))
 
 
+def quantizable_layers(backbone):
+    """The token embedding and every projection: the layers holding weights
+    that `quantize()` converts."""
+    layers = [backbone.token_embedding]
+    for block in backbone.transformer_layers:
+        attention, ffw = block.attention, block.feed_forward
+        layers += [attention.query_dense, attention.key_dense, attention.value_dense]
+        layers += [attention.output_dense, ffw.ffw_gating, ffw.ffw_gating_2, ffw.ffw_linear]
+    return layers
+
+
 def weight_only_int8_by_default(model):
     """Makes `model.quantize("int8")` weight-only (activations stay float).
 
@@ -320,7 +331,7 @@ class GemmaBackbone(keras.Model):
         }
         # Keras's `Layer.quantization_mode` is this model's own (None); the
         # projections carry the mode that a reload must recreate.
-        mode = self.transformer_layers[0].attention.query_dense.quantization_mode
-        if mode is not None:
-            config["quantization_mode"] = mode
+        modes = {layer.quantization_mode for layer in quantizable_layers(self)}
+        if len(modes) == 1 and None not in modes:
+            config["quantization_mode"] = modes.pop()
         return config

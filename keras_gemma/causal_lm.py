@@ -8,6 +8,7 @@ import numpy as np
 from keras import ops
 
 from keras_gemma import _backend
+from keras_gemma import lora
 from keras_gemma import samplers as samplers_lib
 from keras_gemma.backbone import weight_only_int8_by_default
 from keras_gemma.data import adapt_fit_inputs
@@ -158,9 +159,18 @@ class GemmaCausalLM(keras.Model):
 
     # Training and evaluation take raw text through the preprocessor.
 
+    def _prepare_keras_forward(self):
+        if keras.config.backend() == "torch":
+            from keras_gemma.torch_decoding import use_keras_layout
+
+            # Before any `torch.compile` traces the weights' layout.
+            use_keras_layout(self.backbone)
+
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         self._ensure_compiled()
         self._warn_if_updates_vanish()
+        lora.check_trainable_through_int8(self.backbone)
+        self._prepare_keras_forward()
         x, y, sample_weight, batch_size = adapt_fit_inputs(
             self.preprocessor, x, y, sample_weight, batch_size, kwargs.get("shuffle", True)
         )
@@ -173,6 +183,7 @@ class GemmaCausalLM(keras.Model):
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         self._ensure_compiled()
+        self._prepare_keras_forward()
         x, y, sample_weight, batch_size = adapt_fit_inputs(
             self.preprocessor, x, y, sample_weight, batch_size, False
         )
@@ -249,10 +260,11 @@ class GemmaCausalLM(keras.Model):
         torch (`keras_gemma.torch_decoding`), reading this call's weights.
         """
         if keras.config.backend() == "torch":
-            from keras_gemma.torch_decoding import TorchDecoder
+            from keras_gemma import torch_decoding
 
-            decoder = TorchDecoder(self.backbone)
-            return decoder.prefill, decoder.next_logits
+            if torch_decoding.supports(self.backbone):
+                decoder = torch_decoding.TorchDecoder(self.backbone)
+                return decoder.prefill, decoder.next_logits
         return self._prefill, self._next_logits
 
     def _compiled(self, key, function, whole_loop=True):

@@ -125,7 +125,6 @@ def enable_lora(backbone, rank, target_layer_names=None, lora_alpha=None):
     if lora_alpha is not None and (not isinstance(lora_alpha, (int, float)) or lora_alpha <= 0):
         raise ValueError(f"`lora_alpha` must be a positive number. Received: {lora_alpha!r}")
     targets = _validate_targets(target_layer_names)
-    _check_trainable_through_int8(backbone)
     if lora_state(backbone) is not None:
         raise ValueError(
             "LoRA is already enabled on this backbone "
@@ -143,11 +142,14 @@ def enable_lora(backbone, rank, target_layer_names=None, lora_alpha=None):
         layer.enable_lora(rank, lora_alpha=lora_alpha)
 
 
-def _check_trainable_through_int8(backbone):
-    # Keras's weight-only int8 `EinsumDense` on torch applies its scale
-    # layout twice in the backward pass, which fails on the query/key/value
-    # kernels (keras/src/layers/core/einsum_dense.py, `_int8_call`).
-    if keras.config.backend() != "torch":
+def check_trainable_through_int8(backbone):
+    """Raises before `fit` where Keras cannot backpropagate (inference is fine).
+
+    Keras's weight-only int8 `EinsumDense` on torch applies its scale layout
+    twice in the backward pass, which fails on the query/key/value kernels
+    (keras/src/layers/core/einsum_dense.py, `_int8_call`).
+    """
+    if keras.config.backend() != "torch" or lora_state(backbone) is None:
         return
     query = backbone.transformer_layers[0].attention.query_dense
     if query.quantization_mode == "int8" and query.inputs_quantizer is None:

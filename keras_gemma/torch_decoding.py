@@ -13,14 +13,18 @@ It computes exactly what `GemmaBackbone.compute_hidden_states` plus
 `GemmaCausalLM.compute_logits` compute (same dtypes, same float32 islands;
 `tests/test_torch_decoding.py` holds them equal), for inference only: no
 dropout, no gradients. Weights are read from the Keras variables on every
-construction, never copied, so the Keras model stays the one source of truth.
+construction, not copied (except under mixed precision, where each call
+casts them to the compute dtype once, as Keras's autocast does per layer
+call), so the Keras model stays the one source of truth.
 """
 
 import math
 
+import keras
 import torch
 import torch.nn.functional as F
 
+from keras_gemma.backbone import quantizable_layers
 from keras_gemma.layers.attention import _MASKED_LOGIT
 from keras_gemma.layers.rotary_embedding import inverse_frequencies
 
@@ -66,25 +70,17 @@ def use_keras_layout(backbone):
     transposed bfloat16 view runs ~40x slower than on contiguous storage.
     """
     if torch.compiler.is_compiling():
-        return  # `torch.compile`d training: the layout was restored eagerly before.
-    for block in backbone.transformer_layers:
-        for layer in _projections(block):
-            kernel = layer._kernel.value
-            if not kernel.is_contiguous():
-                kernel.data = kernel.contiguous()
-
-
-def _projections(block):
-    attention, ffw = block.attention, block.feed_forward
-    return (
-        attention.query_dense,
-        attention.key_dense,
-        attention.value_dense,
-        attention.output_dense,
-        ffw.ffw_gating,
-        ffw.ffw_gating_2,
-        ffw.ffw_linear,
-    )
+        return  # `GemmaCausalLM.fit`/`evaluate` restored it eagerly before compiling.
+    for layer in quantizable_layers(backbone)[1:]:  # the projections
+        kernel = getattr(layer, "_kernel", None)  # GPTQ/AWQ layers have none
+        # Only kernels stored in the compute dtype or int8 are ever re-laid;
+        # reading any other under mixed precision would cast a copy.
+        if kernel is None:
+            continue
+        if keras.backend.standardize_dtype(kernel.dtype) not in ("int8", layer.compute_dtype):
+            continue
+        if not kernel.value.is_contiguous():
+            kernel.value.data = kernel.value.contiguous()
 
 
 def _linear(x, weight):
@@ -158,7 +154,7 @@ class _Projection:
                 y = y.transpose(0, 1).reshape(rows, -1)
         if self.lora is not None:
             a, b = self.lora
-            lora = torch.matmul(torch.matmul(x, self._as_matrix(a)), b)
+            lora = torch.matmul(torch.matmul(x, a), b)
             if self.heads == "out":
                 lora = lora.transpose(0, 1).reshape(rows, -1)
             y = y + lora
@@ -189,6 +185,19 @@ def _rotate(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def supports(backbone):
+    """Whether `TorchDecoder` computes exactly this backbone's forward pass.
+
+    Not for int8 with quantized activations or other quantization modes
+    (int4, GPTQ, ...): generation then runs the Keras forward pass.
+    """
+    return all(
+        layer.quantization_mode in (None, "int8")
+        and getattr(layer, "inputs_quantizer", None) is None
+        for layer in quantizable_layers(backbone)
+    )
+
+
 class TorchDecoder:
     """Prefill and single-token steps of a `GemmaCausalLM`, in plain PyTorch.
 
@@ -210,6 +219,7 @@ class TorchDecoder:
     ...     assert tuple(logits.shape) == (1, 50)
     """
 
+    @torch.no_grad()
     def __init__(self, backbone):
         config = backbone.config
         self.config = config
@@ -262,14 +272,17 @@ class TorchDecoder:
         cos, sin = angles.cos(), angles.sin()  # [1, t, 1, h/2]
         end = start + length
         # Query t*groups + i is position start + t; keys are cache slots.
-        causal = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
-        causal = causal.repeat_interleave(groups, dim=0).to(token_ids.device)
+        causal = None  # one new position sees every key up to itself
+        if length > 1:
+            positions = torch.arange(end, device=token_ids.device)
+            causal = positions[None, :] <= positions[start:, None]
+            causal = causal.repeat_interleave(groups, dim=0)
         scale = torch.tensor(h**-0.5, dtype=self.dtype)
         x = self._embed(token_ids).reshape(batch * length, -1)
         updated_cache = []
         for block, (key_cache, value_cache) in zip(self.blocks, cache):
-            # Written in place; a broadcast view (beam search tiles the
-            # prompt's cache) is materialized first.
+            # Written in place; a cache that is a view (e.g. of another
+            # array's storage) is materialized first.
             key_cache, value_cache = key_cache.contiguous(), value_cache.contiguous()
             updated_cache.append((key_cache, value_cache))
             normed = _rms_norm(x, block.attention_norm, block.eps, self.dtype)
@@ -282,7 +295,8 @@ class TorchDecoder:
             keys = key_cache[:, :end].permute(0, 2, 3, 1)  # [b, k, h, s]
             values = value_cache[:, :end].transpose(1, 2)  # [b, k, s, h]
             logits = torch.matmul(query, keys).float()
-            logits = logits.masked_fill(~causal, _MASKED_LOGIT)
+            if causal is not None:
+                logits = logits.masked_fill(~causal, _MASKED_LOGIT)
             probabilities = torch.softmax(logits, dim=-1).to(values.dtype)
             attended = torch.matmul(probabilities, values)  # [b, k, t*g, h]
             attended = attended.view(batch, kv, length, groups, h).permute(0, 2, 1, 3, 4)

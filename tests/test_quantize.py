@@ -98,3 +98,11 @@ def test_int8_greedy_follows_bfloat16_on_a_trained_model(tokenizer):
     generated = np.arange(40)[None] >= start[:, None]
     agreement = (tokens["int8"] == tokens["bfloat16"])[generated].mean()
     assert agreement >= 0.75, agreement
+
+
+def test_partly_quantized_models_refuse_presets_clearly(tmp_path):
+    backbone = make_backbone("mqa", seed=4)
+    backbone.quantize("int8", filters=lambda layer: isinstance(layer, keras.layers.EinsumDense))
+    with pytest.raises(ValueError, match="quantized the same way"):
+        backbone.save_to_preset(tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()

@@ -84,3 +84,13 @@ def test_relaid_kernels_are_shared_with_keras_and_restored(variant):
     # A Keras forward pass restores the contiguous layout, with the same results.
     np.testing.assert_array_equal(to_numpy(lm(inputs)), before)
     assert query.value.is_contiguous()
+
+
+def test_int8_activations_generate_through_the_keras_forward():
+    from keras_gemma import torch_decoding
+
+    lm = GemmaCausalLM(make_backbone("gqa", seed=3))
+    lm.quantize("int8", config=keras.quantizers.Int8QuantizationConfig())
+    assert not torch_decoding.supports(lm.backbone)
+    assert lm._decoding_functions() == (lm._prefill, lm._next_logits)
+    assert torch_decoding.supports(_prepare("int8").backbone)

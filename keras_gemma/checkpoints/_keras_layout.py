@@ -296,9 +296,18 @@ def write_backbone(directory, backbone):
     """Writes config.json, metadata.json and model.weights.h5 for `backbone`."""
     import h5py
 
+    from keras_gemma.backbone import quantizable_layers
+
     directory = pathlib.Path(directory)
     dtype = backbone.dtype_policy.name
     quantization_mode = backbone.get_config().get("quantization_mode")
+    modes = {layer.quantization_mode for layer in quantizable_layers(backbone)}
+    if modes != {quantization_mode}:
+        raise ValueError(
+            "save_to_preset needs the embedding and every projection quantized the same "
+            f"way; this model mixes {sorted(map(str, modes))}. Quantize them all (the "
+            "default filters), or save with `model.save(path.keras)`."
+        )
     write_json(directory / CONFIG_FILE, backbone_json(backbone.config, dtype, quantization_mode))
     variables = {v.path: v for v in backbone.weights}
     with h5py.File(directory / WEIGHTS_FILE, "w") as file:
