@@ -184,11 +184,12 @@ def main():
         action="store_true",
         help="also measure keras-hub on each backend, and transformers (bfloat16 only)",
     )
-    parser.add_argument("--int8-preset", default="/tmp/keras_gemma_2b_int8")
+    parser.add_argument("--int8-preset", help="default: /tmp/keras_gemma_2b_int8_<dtype>")
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--child", choices=["measure", "transformers", "int8-preset"])
     args = parser.parse_args()
+    args.int8_preset = args.int8_preset or f"/tmp/keras_gemma_2b_int8_{args.dtype}"
     if args.child:
         child = {
             "measure": measure,

@@ -165,8 +165,8 @@ class _Block:
     def __init__(self, block, dtype):
         attention, ffw = block.attention, block.feed_forward
         self.eps = block.layer_norm_epsilon
-        self.attention_norm = _value(block.pre_attention_norm.scale).float() + 1.0
-        self.ffw_norm = _value(block.pre_ffw_norm.scale).float() + 1.0
+        self.attention_norm = _norm_scale(block.pre_attention_norm, dtype)
+        self.ffw_norm = _norm_scale(block.pre_ffw_norm, dtype)
         self.query = _Projection(attention.query_dense, "out", dtype)
         self.key = _Projection(attention.key_dense, "out", dtype)
         self.value = _Projection(attention.value_dense, "out", dtype)
@@ -174,6 +174,12 @@ class _Block:
         self.gate = _Projection(ffw.ffw_gating, None, dtype)
         self.up = _Projection(ffw.ffw_gating_2, None, dtype)
         self.down = _Projection(ffw.ffw_linear, None, dtype)
+
+
+def _norm_scale(norm, dtype):
+    # `1 + scale` in float32 from the scale as the layer reads it (rounded to
+    # the compute dtype under mixed precision).
+    return _value(norm.scale).to(dtype).float() + 1.0
 
 
 def _rms_norm(x, scale, eps, dtype):
@@ -233,7 +239,7 @@ class TorchDecoder:
         else:
             self.embeddings = _value(embedding.embeddings).to(self.dtype)
         self.blocks = [_Block(block, self.dtype) for block in backbone.transformer_layers]
-        self.final_norm = _value(backbone.final_normalization.scale).float() + 1.0
+        self.final_norm = _norm_scale(backbone.final_normalization, self.dtype)
         # `rotary_angles`'s frequencies, once: its Keras ops cost more than
         # the arithmetic at each step.
         self.inverse_frequencies = inverse_frequencies(config.head_dim)

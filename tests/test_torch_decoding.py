@@ -17,9 +17,9 @@ def _prepare(variant):
     if variant == "mixed_bfloat16":
         return GemmaCausalLM(make_backbone("gqa", seed=3, dtype="mixed_bfloat16"))
     layout = {"mqa": "mqa", "mha": "mha"}.get(variant, "gqa")
-    dtype = "bfloat16" if variant == "bfloat16" else "float32"
+    dtype = "bfloat16" if variant in ("bfloat16", "bfloat16_int8") else "float32"
     lm = GemmaCausalLM(make_backbone(layout, seed=3, dtype=dtype))
-    if variant == "int8":
+    if variant in ("int8", "bfloat16_int8"):
         lm.quantize("int8")
     if variant == "lora":
         lm.backbone.enable_lora(2, ["query", "key", "attention_output", "ffw_linear"])
@@ -30,7 +30,8 @@ def _prepare(variant):
 
 
 @pytest.mark.parametrize(
-    "variant", ["mqa", "gqa", "mha", "bfloat16", "mixed_bfloat16", "int8", "lora"]
+    "variant",
+    ["mqa", "gqa", "mha", "bfloat16", "mixed_bfloat16", "int8", "bfloat16_int8", "lora"],
 )
 def test_prefill_and_steps_equal_the_keras_forward(variant):
     from keras_gemma.torch_decoding import TorchDecoder
@@ -41,7 +42,9 @@ def test_prefill_and_steps_equal_the_keras_forward(variant):
     )
     decoder = TorchDecoder(lm.backbone)
     (ours, our_logits), (theirs, their_logits) = decoder.prefill(ids, 8, 7), lm._prefill(ids, 8, 7)
-    tolerance = 2e-2 if variant in ("bfloat16", "mixed_bfloat16") else 1e-4
+    # bfloat16 keeps ~3 digits; with int8 the two paths also round the
+    # dequantized weights differently (Keras: to bf16; the kernel: in f32).
+    tolerance = {"bfloat16_int8": 4e-2, "bfloat16": 2e-2, "mixed_bfloat16": 2e-2}.get(variant, 1e-4)
     np.testing.assert_allclose(
         to_numpy(our_logits),
         to_numpy(their_logits),
@@ -53,15 +56,14 @@ def test_prefill_and_steps_equal_the_keras_forward(variant):
         their_logits = to_numpy(their_logits)
         scale = np.abs(their_logits).max()
         np.testing.assert_allclose(to_numpy(our_logits), their_logits, atol=tolerance * scale)
-    for (our_keys, our_values), (their_keys, their_values) in zip(ours, theirs):
-        np.testing.assert_allclose(
-            to_numpy(our_keys).astype("float32"), to_numpy(their_keys).astype("float32"), atol=0.05
-        )
-        np.testing.assert_allclose(
-            to_numpy(our_values).astype("float32"),
-            to_numpy(their_values).astype("float32"),
-            atol=0.05,
-        )
+    for our_layer, their_layer in zip(ours, theirs):
+        for our_cache, their_cache in zip(our_layer, their_layer):
+            their_cache = to_numpy(their_cache).astype("float32")
+            np.testing.assert_allclose(
+                to_numpy(our_cache).astype("float32"),
+                their_cache,
+                atol=tolerance * np.abs(their_cache).max(),
+            )
 
 
 @pytest.mark.parametrize("variant", ["int8", "bfloat16"])
