@@ -54,3 +54,10 @@ def _xla_helps_tensorflow(model):
 
     low_precision = model.compute_dtype in ("bfloat16", "float16")
     return not (low_precision and not tf.config.list_logical_devices("GPU"))
+
+
+def strips_single_row_products():
+    """Whether one-row products should be computed as two (see
+    `keras_gemma.layers.attention._as_two_rows_if_one`): TensorFlow only;
+    JAX's newer XLA keeps the row axis and calls its matrix kernel."""
+    return keras.config.backend() == "tensorflow"
