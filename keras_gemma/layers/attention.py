@@ -49,7 +49,7 @@ def _as_two_rows_if_one(product, x):
     512x512 output kernels in a `while` loop, measured here). A second,
     zero row keeps it a matrix product at no extra weight traffic.
     """
-    if not _backend.strips_single_row_products() or x.shape[0] != 1:
+    if x.shape[0] != 1 or not _backend.strips_single_row_products(x.dtype):
         return product(x)
     return product(ops.concatenate([x, ops.zeros_like(x)], axis=0))[:1]
 
