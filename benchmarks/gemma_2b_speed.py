@@ -5,7 +5,9 @@
     python benchmarks/gemma_2b_speed.py --backend torch --quantize int8
 
 Batch 1, a 32-token prompt, 8 new tokens, greedy; tokens/s counts new tokens
-over the whole call (prefill included) after one warm-up call. Each model
+over the whole call (prefill included) after one warm-up call. "decode" is
+the steady-state rate without the prefill: the extra new tokens over the
+extra time, against a call that makes one new token. Each model
 runs in its own process; peak resident memory is that process's maximum RSS
 (the "base" column is the RSS after imports, before any weights). The
 memory-bandwidth bound is the weight bytes each token reads, divided by the
@@ -77,6 +79,20 @@ def _prompt(args):
     return token_ids
 
 
+def _timings(generate, generate_one_token):
+    """Seconds of the first call, of a warm call, and of a warm one-token call."""
+    start = time.perf_counter()
+    generate()
+    first_s = time.perf_counter() - start
+    generate_one_token()  # its own warm-up: the cache may be shorter
+    timings = []
+    for call in (generate, generate_one_token):
+        start = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - start)
+    return first_s, *timings
+
+
 def measure_transformers(args):
     """Hugging Face transformers' GemmaForCausalLM, same architecture, bfloat16."""
     import torch
@@ -92,22 +108,18 @@ def measure_transformers(args):
         model = transformers.GemmaForCausalLM(config).eval()
     prompt = torch.from_numpy(_prompt(args)[:, : args.prompt_length]).long()
 
-    def generate():
+    def generate(new_tokens=args.new_tokens):
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
+            model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
 
-    start = time.perf_counter()
-    generate()
-    first_s = time.perf_counter() - start
-    start = time.perf_counter()
-    generate()
-    seconds = time.perf_counter() - start
+    first_s, seconds, one_token_s = _timings(generate, lambda: generate(1))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "backend": "torch",
         "library": "transformers",
         "quantize": None,
         "tokens_per_s": args.new_tokens / seconds,
+        "decode_tokens_per_s": (args.new_tokens - 1) / (seconds - one_token_s),
         "first_call_s": first_s,
         "weight_gb": weight_bytes / 1e9,
         "base_rss_gb": base,
@@ -149,12 +161,11 @@ def measure(args):
         "token_ids": token_ids,
         "padding_mask": (np.arange(length) < args.prompt_length)[None].astype("int32"),
     }
-    start = time.perf_counter()
-    lm.generate(inputs, stop_token_ids=None)
-    first_s = time.perf_counter() - start
-    start = time.perf_counter()
-    lm.generate(inputs, stop_token_ids=None)
-    seconds = time.perf_counter() - start
+    one_token = {name: value[:, : args.prompt_length + 1] for name, value in inputs.items()}
+    first_s, seconds, one_token_s = _timings(
+        lambda: lm.generate(inputs, stop_token_ids=None),
+        lambda: lm.generate(one_token, stop_token_ids=None),
+    )
     weight_bytes = sum(
         int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
         for v in lm.weights
@@ -164,6 +175,7 @@ def measure(args):
         "library": "keras-hub" if args.keras_hub else "keras_gemma",
         "quantize": args.quantize,
         "tokens_per_s": args.new_tokens / seconds,
+        "decode_tokens_per_s": (args.new_tokens - 1) / (seconds - one_token_s),
         "first_call_s": first_s,
         "build_s": build_s,
         "weight_gb": weight_bytes / 1e9,
@@ -226,17 +238,20 @@ def main():
     rows = [r for r in rows if r is not None]
     print(f"\nmemory bandwidth (float32 GEMV, NumPy): {bandwidth:.1f} GB/s")
     print(
-        f"{'backend':<11}{'library':<13}{'tok/s':>7}{'bound':>7}{'of bound':>9}{'vs kh':>7}"
-        f"{'peak GB':>9}{'base GB':>8}{'peak/weights':>13}{'first s':>8}"
+        f"{'backend':<11}{'library':<13}{'tok/s':>7}{'decode':>7}{'bound':>7}{'of bound':>9}"
+        f"{'vs kh':>7}{'peak GB':>9}{'base GB':>8}{'peak/weights':>13}{'(peak-base)/w':>14}"
+        f"{'first s':>8}"
     )
     keras_hub_speed = {r["backend"]: r["tokens_per_s"] for r in rows if r["library"] == "keras-hub"}
     for r in rows:
         bound = bandwidth / r["weight_gb"]
         versus = r["tokens_per_s"] / keras_hub_speed.get(r["backend"], float("nan"))
         print(
-            f"{r['backend']:<11}{r['library']:<13}{r['tokens_per_s']:>7.2f}{bound:>7.2f}"
-            f"{r['tokens_per_s'] / bound:>9.0%}{versus:>7.2f}{r['peak_rss_gb']:>9.1f}"
+            f"{r['backend']:<11}{r['library']:<13}{r['tokens_per_s']:>7.2f}"
+            f"{r['decode_tokens_per_s']:>7.2f}{bound:>7.2f}"
+            f"{r['decode_tokens_per_s'] / bound:>9.0%}{versus:>7.2f}{r['peak_rss_gb']:>9.1f}"
             f"{r['base_rss_gb']:>8.1f}{r['peak_rss_gb'] / r['weight_gb']:>13.2f}"
+            f"{(r['peak_rss_gb'] - r['base_rss_gb']) / r['weight_gb']:>14.2f}"
             f"{r['first_call_s']:>8.1f}"
         )
 

@@ -96,3 +96,29 @@ def test_int8_activations_generate_through_the_keras_forward():
     assert not torch_decoding.supports(lm.backbone)
     assert lm._decoding_functions() == (lm._prefill, lm._next_logits)
     assert torch_decoding.supports(_prepare("int8").backbone)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("in_dim", [24, 32])  # `_weight_int8pack_mm` is wrong on 24 in bf16
+def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype, in_dim):
+    import torch
+
+    from keras_gemma import torch_decoding
+
+    rng = np.random.default_rng(0)
+    kernel = torch.from_numpy(rng.integers(-127, 128, (37, in_dim), dtype=np.int8))
+    scale = torch.from_numpy(rng.uniform(0.01, 0.02, 37)).to(getattr(torch, dtype))
+    x = torch.from_numpy(rng.standard_normal((20, in_dim))).to(getattr(torch, dtype))
+    # Pieces of 5 rows of the kernel: seven full ones and a ragged last one.
+    monkeypatch.setattr(torch_decoding, "_DEQUANTIZED_PIECE", 5 * in_dim)
+    many = torch_decoding._int8_linear(x, kernel, scale)
+    # Rows one at a time, each a view at an offset (unaligned for odd rows).
+    one_at_a_time = torch.cat(
+        [torch_decoding._int8_linear(x[i : i + 1], kernel, scale) for i in range(20)]
+    )
+    expected = ((x.double() @ kernel.double().T) * scale.double()).numpy()
+    tolerance = 1e-5 if dtype == "float32" else 1e-2
+    for result in (many, one_at_a_time):
+        np.testing.assert_allclose(
+            result.double().numpy(), expected, atol=tolerance * np.abs(expected).max()
+        )
