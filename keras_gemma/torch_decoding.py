@@ -92,13 +92,15 @@ def _linear(x, weight):
     return F.linear(x, weight)
 
 
-# `_weight_int8pack_mm` streams int8 weights at ~24 GB/s for one row, but its
-# cost grows with every row (2048x16384, bfloat16 rows: 1.4 ms for one, 5.7
-# for 8, 18 for 32). From 16 rows on, converting the int8 weights to the
-# compute dtype in cache-sized pieces and multiplying those is ~2x faster
-# (the conversion, ~5 ms per 33M weights, is what it costs).
+# `_weight_int8pack_mm` reads int8 weights from memory at ~12 GB/s for one
+# bfloat16 row (2 cores; it is compute-bound: 6.6 GB/s on one), but its cost
+# grows with every row (2048x16384: 2.5 ms for one row, ~7 for 8, ~20 for 32)
+# and it is 10-40x slower with float32 rows. Elsewhere converting the int8
+# weights to the compute dtype in cache-sized pieces and multiplying those
+# is faster: ~15 ms for 32 bfloat16 rows, ~8 ms for 1 to 8 float32 rows
+# (weights read from memory, not cache; int8 values are exact in bfloat16).
 _INT8PACK_MAX_ROWS = 15
-_DEQUANTIZED_PIECE = 1 << 21  # weights per piece: 4 MB in bfloat16
+_DEQUANTIZED_PIECE = 1 << 20  # weights per piece: 2 MB in bfloat16
 
 
 def _int8_linear(x, kernel, scale):
@@ -108,7 +110,7 @@ def _int8_linear(x, kernel, scale):
     # whose length is not a multiple of 16 or whose start is not 64-byte
     # aligned (a row of a view into a larger tensor); found by
     # `tests/test_torch_decoding.py`.
-    if x.shape[0] <= _INT8PACK_MAX_ROWS and in_dim % 16 == 0:
+    if x.dtype == torch.bfloat16 and x.shape[0] <= _INT8PACK_MAX_ROWS and in_dim % 16 == 0:
         if x.data_ptr() % 64:
             x = x.clone(memory_format=torch.contiguous_format)
         return torch.ops.aten._weight_int8pack_mm(x, kernel, scale)
@@ -117,7 +119,7 @@ def _int8_linear(x, kernel, scale):
     y = torch.empty(x.shape[0], out_dim, dtype=x.dtype)
     for start in range(0, out_dim, step):
         rows = piece[: min(step, out_dim - start)]
-        rows.copy_(kernel[start : start + step])  # int8 values are exact in bf16
+        rows.copy_(kernel[start : start + step])
         torch.matmul(x, rows.t(), out=y[:, start : start + step])
     return y * scale
 
