@@ -60,8 +60,33 @@ def _xla_helps_tensorflow(compute_dtype):
 
 def strips_single_row_products(compute_dtype):
     """Whether one-row products should be computed as two (see
-    `keras_gemma.layers.attention._as_two_rows_if_one`): only where
+    `keras_gemma.layers.attention._single_rows_as_two`): only where
     TensorFlow decodes under XLA; JAX's newer XLA keeps the row axis and
     calls its matrix kernel, and TensorFlow's own bfloat16 kernels (no XLA
     on CPU) were ~9% slower on 2B with the extra row."""
     return keras.config.backend() == "tensorflow" and _xla_helps_tensorflow(compute_dtype)
+
+
+def accumulates_in_float32(compute_dtype):
+    """Whether low-precision products should ask for a float32 result.
+
+    JAX's XLA on CPU runs a bfloat16 product that returns bfloat16 at ~25
+    GFLOP/s, against ~135 asked for float32 (`[32, 2048] @ [2048, 16384]`,
+    measured here): the 2B prefill's products took ~4.5 s of an 8-token
+    call. Accelerators have native low-precision matrix units; TensorFlow
+    runs them through oneDNN, and PyTorch decodes in `torch_decoding`.
+    """
+    if keras.config.backend() != "jax":
+        return False
+    import jax
+
+    low_precision = keras.backend.standardize_dtype(compute_dtype) in ("bfloat16", "float16")
+    return low_precision and jax.default_backend() == "cpu"
+
+
+def einsum_in_float32(equation, x, kernel):
+    """`einsum` of two low-precision tensors, accumulated and returned in
+    float32 (see `accumulates_in_float32`); JAX only."""
+    import jax.numpy as jnp
+
+    return jnp.einsum(equation, x, kernel, preferred_element_type=jnp.float32)

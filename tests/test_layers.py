@@ -125,3 +125,32 @@ def test_layer_config_round_trip(layer):
 def test_attention_rejects_ungroupable_heads():
     with pytest.raises(ValueError, match="multiple of `num_key_value_heads`"):
         GemmaAttention(num_query_heads=3, num_key_value_heads=2, head_dim=8)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_projection_products_equal_float64_within_bfloat16_rounding(dtype, lora):
+    # On JAX's CPU `project` asks for a float32 result (a faster kernel);
+    # elsewhere it is the layer's call. Either way: the einsum of the
+    # compute-dtype operands with LoRA merged (under mixed precision Keras
+    # merges in bfloat16, hence the tolerance; the adapter adds O(1)).
+    from keras_gemma.layers.projection import project
+    from keras_gemma.layers.projection import projection
+
+    layer = projection(
+        "btd,ndh->btnh", (None, 3, 8), "glorot_uniform", keras.dtype_policies.get(dtype), "q"
+    )
+    layer.build((None, None, 64))
+    rng = np.random.default_rng(0)
+    if lora:
+        layer.enable_lora(2)
+        layer.lora_kernel_b.assign(rng.normal(0, 0.5, layer.lora_kernel_b.shape))
+    x = rng.standard_normal((2, 5, 64)).astype("float32")
+    kernel = to_numpy(keras.ops.cast(layer.kernel, "bfloat16")).astype("float64")
+    inputs = to_numpy(keras.ops.cast(x, "bfloat16")).astype("float64")
+    expected = np.einsum("btd,ndh->btnh", inputs, kernel)
+    for result in (project(layer, x), layer(x)):
+        assert keras.backend.standardize_dtype(result.dtype) == "bfloat16"
+        np.testing.assert_allclose(
+            to_numpy(result).astype("float64"), expected, atol=1e-2 * np.abs(expected).max()
+        )

@@ -2,6 +2,8 @@ import keras
 from keras import ops
 
 from keras_gemma import _backend
+from keras_gemma.layers.projection import as_two_rows_if_one
+from keras_gemma.layers.projection import project
 from keras_gemma.layers.projection import projection
 from keras_gemma.layers.rotary_embedding import RotaryEmbedding
 from keras_gemma.layers.rotary_embedding import apply_rotary
@@ -40,18 +42,15 @@ def attention_mask(query_length, key_length, start_index=0, padding_mask=None):
 # Quantized layers keep their own call (their kernels are int8 plus scales).
 
 
-def _as_two_rows_if_one(product, x):
+def _single_rows_as_two(product, x):
     """`product(x)` for a decode step's `x` (`[batch, 1, ...]`).
 
     TensorFlow's XLA CPU compiler strips a one-row product down to a
     vector-matrix dot, fuses the kernel's reshape into it and emits that as a
     plain loop: 2.8 GB/s against 20-30 GB/s for its matrix kernel (twelve
-    512x512 output kernels in a `while` loop, measured here). A second,
-    zero row keeps it a matrix product at no extra weight traffic.
+    512x512 output kernels in a `while` loop, measured here).
     """
-    if x.shape[0] != 1 or not _backend.strips_single_row_products(x.dtype):
-        return product(x)
-    return product(ops.concatenate([x, ops.zeros_like(x)], axis=0))[:1]
+    return as_two_rows_if_one(product, x, _backend.strips_single_row_products(x.dtype))
 
 
 def _project_to_heads(layer, x):
@@ -59,7 +58,7 @@ def _project_to_heads(layer, x):
     if layer.quantization_mode is not None:
         return layer(x)
     if layer.kernel.shape[0] == 1:
-        return _as_two_rows_if_one(layer, x)  # one head: `"btd,ndh"` needs no copy
+        return _single_rows_as_two(layer, x)  # one head: `"btd,ndh"` needs no copy
     kernel = layer.kernel  # LoRA-merged when LoRA is enabled, as `layer(x)` uses
     x = ops.broadcast_to(x[None], (kernel.shape[0], *ops.shape(x)))  # [n, b, t, d]
     return ops.transpose(ops.einsum("nbtd,ndh->nbth", x, kernel), (1, 2, 0, 3))
@@ -77,7 +76,7 @@ def _project_from_heads(layer, x):
     heads, head_dim, hidden_dim = kernel.shape
     x = ops.reshape(x, (ops.shape(x)[0], ops.shape(x)[1], heads * head_dim))
     kernel = ops.reshape(kernel, (heads * head_dim, hidden_dim))
-    return _as_two_rows_if_one(lambda x: ops.matmul(x, kernel), x)
+    return _single_rows_as_two(lambda x: ops.matmul(x, kernel), x)
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -184,7 +183,7 @@ class GemmaAttention(keras.layers.Layer):
         # One new position per row: a decode step (prefill keeps the layer
         # calls, which do not broadcast `x` over heads).
         generating = cache is not None and x.shape[1] == 1
-        to_heads = _project_to_heads if generating else (lambda layer, x: layer(x))
+        to_heads = _project_to_heads if generating else project
         query = apply_rotary(to_heads(self.query_dense, x), cos, sin)
         key = apply_rotary(to_heads(self.key_dense, x), cos, sin)
         value = to_heads(self.value_dense, x)
@@ -199,7 +198,7 @@ class GemmaAttention(keras.layers.Layer):
         if generating:
             output = _project_from_heads(self.output_dense, attended)
         else:
-            output = self.output_dense(attended)
+            output = project(self.output_dense, attended)
         return output if cache is None else (output, cache)
 
     def _attend(self, query, key, value, mask, training):

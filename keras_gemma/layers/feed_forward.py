@@ -1,5 +1,6 @@
 import keras
 
+from keras_gemma.layers.projection import project
 from keras_gemma.layers.projection import projection
 
 
@@ -55,8 +56,8 @@ class GemmaFeedForward(keras.layers.Layer):
         self.ffw_linear.build((None, None, branch_dim))
 
     def call(self, x):
-        gate = keras.activations.gelu(self.ffw_gating(x), approximate=True)
-        return self.ffw_linear(gate * self.ffw_gating_2(x))
+        gate = keras.activations.gelu(project(self.ffw_gating, x), approximate=True)
+        return project(self.ffw_linear, gate * project(self.ffw_gating_2, x))
 
     def compute_output_shape(self, input_shape):
         return input_shape

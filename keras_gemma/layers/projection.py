@@ -1,4 +1,7 @@
 import keras
+from keras import ops
+
+from keras_gemma import _backend
 
 
 def quantization_config(mode):
@@ -41,3 +44,28 @@ def projection(
         quantization_config=quantization_config(quantization_mode),
         name=name,
     )
+
+
+def project(layer, x):
+    """`layer(x)` for a `projection`; where the backend multiplies
+    low-precision matrices slowly (`_backend.accumulates_in_float32`), the
+    same product asked for a float32 result, then rounded to the compute
+    dtype as the layer's own product is."""
+    dtype = layer.compute_dtype
+    if layer.quantization_mode is not None or not _backend.accumulates_in_float32(dtype):
+        return layer(x)
+    # `layer.kernel` is the LoRA-merged kernel when LoRA is enabled, as in
+    # the layer's call; the casts are the layer's autocasting.
+    kernel = ops.cast(layer.kernel, dtype)
+    product = _backend.einsum_in_float32(layer.equation, ops.cast(x, dtype), kernel)
+    return ops.cast(product, dtype)
+
+
+def as_two_rows_if_one(product, x, pad=True):
+    """`product(x)`, computed on `x` and a second, zero row if `x` has one row
+    and `pad`: XLA on CPU runs some one-row products through a far slower
+    kernel than two-row ones (see the callers), and a zero row costs no extra
+    weight traffic."""
+    if x.shape[0] != 1 or not pad:
+        return product(x)
+    return product(ops.concatenate([x, ops.zeros_like(x)], axis=0))[:1]
