@@ -115,6 +115,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=1)
     args = parser.parse_args()
     if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend  # before anything imports Keras
         print(json.dumps(measure(args.runs, args.batch_size)))
         return
     rows = []
