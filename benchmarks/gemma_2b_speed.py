@@ -21,12 +21,12 @@ and minutes per backend.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+from _rss import rss_bytes
 
 from keras_gemma.presets import preset_config
 
@@ -58,8 +58,8 @@ def _random_backbone(cls, dtype):
     return build_with_weights(lambda: cls(**GEMMA_2B, dtype=dtype), loaders)
 
 
-def _rss_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+def _rss_gb(peak=True):
+    return rss_bytes(peak) / 1e9
 
 
 def make_int8_preset(args):
@@ -101,7 +101,7 @@ def measure_transformers(args):
     from keras_gemma.config import GemmaConfig
     from keras_gemma.weight_names import huggingface_config
 
-    base = _rss_gb()
+    base = _rss_gb(peak=False)
     torch.set_default_dtype(getattr(torch, args.dtype))  # weights made in bf16 directly
     config = transformers.GemmaConfig(**huggingface_config(GemmaConfig(**GEMMA_2B)))
     with torch.no_grad():
@@ -133,7 +133,7 @@ def measure(args):
     from keras_gemma import GemmaBackbone
     from keras_gemma import GemmaCausalLM
 
-    base = _rss_gb()
+    base = _rss_gb(peak=False)
     start = time.perf_counter()
     if args.quantize and not args.keras_hub:
         lm = GemmaCausalLM(GemmaBackbone.from_preset(args.int8_preset))

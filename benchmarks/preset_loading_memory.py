@@ -3,7 +3,7 @@
 Writes a synthetic `gemma_2b_en`-shaped checkpoint (random bfloat16
 weights, ~5 GB) in both layouts -- keras-hub's Keras preset layout and
 Hugging Face's safetensors layout -- then loads each in a fresh subprocess
-and reports the peak RSS (`ru_maxrss`) next to the weight bytes. keras-hub
+and reports the peak RSS (`VmHWM`) next to the weight bytes. keras-hub
 loading the same Keras-layout files is measured beside it when installed.
 
 Not part of CI: it needs ~10 GB of disk and a few minutes.
@@ -15,13 +15,13 @@ import argparse
 import json
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+from _rss import rss_bytes
 
 CASES = ("keras_gemma:keras", "keras_gemma:huggingface", "keras_hub:keras")
 
@@ -89,11 +89,6 @@ def write_checkpoints(directory):
     return config
 
 
-def _current_rss_mb():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def child(case, directory):
     """Loads one case and prints a JSON line of measurements."""
     library, layout = case.split(":")
@@ -103,7 +98,7 @@ def child(case, directory):
         import keras_hub
     else:
         from keras_gemma import GemmaBackbone
-    baseline = _current_rss_mb()
+    baseline = rss_bytes(peak=False) / 2**20
     start = time.perf_counter()
     path = str(pathlib.Path(directory) / layout)
     if library == "keras_hub":
@@ -112,7 +107,7 @@ def child(case, directory):
         backbone = GemmaBackbone.from_preset(path, dtype="bfloat16")
     seconds = time.perf_counter() - start
     weight_bytes = sum(int(np.prod(v.shape)) * 2 for v in backbone.weights)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB -> MiB on Linux
+    peak = rss_bytes() / 2**20
     print(
         json.dumps(
             {
@@ -121,7 +116,7 @@ def child(case, directory):
                 "weights_mb": round(weight_bytes / 2**20),
                 "baseline_rss_mb": round(baseline),
                 "peak_rss_mb": round(peak),
-                "after_rss_mb": round(_current_rss_mb()),
+                "after_rss_mb": round(rss_bytes(peak=False) / 2**20),
             }
         )
     )
