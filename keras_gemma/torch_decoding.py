@@ -107,9 +107,9 @@ def _int8_linear(x, kernel, scale):
     """`(x @ kernel.T) * scale` for int8 `kernel` `[out, in]` on CPU."""
     out_dim, in_dim = kernel.shape
     # The kernel also reads garbage or crashes (segfault) on bfloat16 rows
-    # whose length is not a multiple of 16 or whose start is not 64-byte
-    # aligned (a row of a view into a larger tensor); found by
-    # `tests/test_torch_decoding.py`.
+    # whose length is not a multiple of 16, or that do not start on a 32-byte
+    # boundary (a view into a larger tensor; copies are 64-byte aligned);
+    # found by `tests/test_torch_decoding.py`.
     if x.dtype == torch.bfloat16 and x.shape[0] <= _INT8PACK_MAX_ROWS and in_dim % 16 == 0:
         if x.data_ptr() % 64:
             x = x.clone(memory_format=torch.contiguous_format)

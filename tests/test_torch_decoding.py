@@ -112,13 +112,18 @@ def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype,
     # Pieces of 5 rows of the kernel: seven full ones and a ragged last one.
     monkeypatch.setattr(torch_decoding, "_DEQUANTIZED_PIECE", 5 * in_dim)
     many = torch_decoding._int8_linear(x, kernel, scale)
-    # Rows one at a time, each a view at an offset (unaligned for odd rows).
+    # Rows one at a time, each a view at an offset.
     one_at_a_time = torch.cat(
         [torch_decoding._int8_linear(x[i : i + 1], kernel, scale) for i in range(20)]
     )
+    # A view starting 16 bytes into its storage (the kernel segfaults on it).
+    shifted = torch.cat([torch.zeros(8, dtype=x.dtype), x.reshape(-1)])[8:].view(x.shape)
+    a_few_shifted = torch_decoding._int8_linear(shifted[:4], kernel, scale)
     expected = ((x.double() @ kernel.double().T) * scale.double()).numpy()
     tolerance = 1e-5 if dtype == "float32" else 1e-2
-    for result in (many, one_at_a_time):
+    for result in (many, one_at_a_time, a_few_shifted):
         np.testing.assert_allclose(
-            result.double().numpy(), expected, atol=tolerance * np.abs(expected).max()
+            result.double().numpy(),
+            expected[: len(result)],
+            atol=tolerance * np.abs(expected).max(),
         )
