@@ -54,8 +54,7 @@ def _xla_helps_tensorflow(compute_dtype):
     """
     import tensorflow as tf
 
-    low_precision = keras.backend.standardize_dtype(compute_dtype) in ("bfloat16", "float16")
-    return not (low_precision and not tf.config.list_logical_devices("GPU"))
+    return not (_low_precision(compute_dtype) and not tf.config.list_logical_devices("GPU"))
 
 
 def strips_single_row_products(compute_dtype):
@@ -80,8 +79,7 @@ def accumulates_in_float32(compute_dtype):
         return False
     import jax
 
-    low_precision = keras.backend.standardize_dtype(compute_dtype) in ("bfloat16", "float16")
-    return low_precision and jax.default_backend() == "cpu"
+    return _low_precision(compute_dtype) and jax.default_backend() == "cpu"
 
 
 def einsum_in_float32(equation, x, kernel):
@@ -90,3 +88,7 @@ def einsum_in_float32(equation, x, kernel):
     import jax.numpy as jnp
 
     return jnp.einsum(equation, x, kernel, preferred_element_type=jnp.float32)
+
+
+def _low_precision(dtype):
+    return keras.backend.standardize_dtype(dtype) in ("bfloat16", "float16")
