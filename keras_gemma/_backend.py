@@ -1,5 +1,7 @@
 """The one module that branches on the Keras backend."""
 
+import functools
+
 import keras
 
 
@@ -88,6 +90,53 @@ def einsum_in_float32(equation, x, kernel):
     import jax.numpy as jnp
 
     return jnp.einsum(equation, x, kernel, preferred_element_type=jnp.float32)
+
+
+def projection_einsum(compute_dtype, rows):
+    """An einsum faster than `EinsumDense`'s own call for projecting `rows`
+    rows in `compute_dtype`, or None where the layer's call is the fast one.
+
+    JAX on CPU: `einsum_in_float32` (see `accumulates_in_float32`).
+    TensorFlow on a CPU without bfloat16 instructions (AVX2 only), one row:
+    `tf.einsum` itself. Keras rewrites a projection's einsum into
+    `tf.matmul`, whose bfloat16 kernel there reads weights at ~0.5 GB/s
+    against ~6 GB/s for the einsum kernel (one row times a 2048x16384
+    kernel, `benchmarks/cpu_kernels.py`); the 2B feed-forward took 280 ms
+    per layer and token. From 2 rows on the einsum kernel is the slower one
+    (32 rows: 0.1 GB/s against 0.4).
+    """
+    if accumulates_in_float32(compute_dtype):
+        return einsum_in_float32
+    if rows == 1 and _tensorflow_matmul_lacks_bfloat16(compute_dtype):
+        import tensorflow as tf
+
+        return tf.einsum
+    return None
+
+
+def _tensorflow_matmul_lacks_bfloat16(compute_dtype):
+    if keras.config.backend() != "tensorflow":
+        return False
+    if keras.backend.standardize_dtype(compute_dtype) != "bfloat16":
+        return False
+    import tensorflow as tf
+
+    return not tf.config.list_logical_devices("GPU") and not _cpu_has_bfloat16_instructions()
+
+
+@functools.cache
+def _cpu_has_bfloat16_instructions():
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX);
+    assumed so where `/proc/cpuinfo` cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return True
 
 
 def _low_precision(dtype):

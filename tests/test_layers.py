@@ -129,8 +129,10 @@ def test_attention_rejects_ungroupable_heads():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])
 @pytest.mark.parametrize("lora", [False, True])
-def test_projection_products_equal_float64_within_bfloat16_rounding(dtype, lora):
-    # On JAX's CPU `project` asks for a float32 result (a faster kernel);
+@pytest.mark.parametrize("rows", [(2, 5), (1, 1)])
+def test_projection_products_equal_float64_within_bfloat16_rounding(dtype, lora, rows):
+    # On JAX's CPU `project` asks for a float32 result (a faster kernel); on
+    # TensorFlow without bfloat16 instructions one row goes to `tf.einsum`;
     # elsewhere it is the layer's call. Either way: the einsum of the
     # compute-dtype operands with LoRA merged (under mixed precision Keras
     # merges in bfloat16, hence the tolerance; the adapter adds O(1)).
@@ -145,7 +147,7 @@ def test_projection_products_equal_float64_within_bfloat16_rounding(dtype, lora)
     if lora:
         layer.enable_lora(2)
         layer.lora_kernel_b.assign(rng.normal(0, 0.5, layer.lora_kernel_b.shape))
-    x = rng.standard_normal((2, 5, 64)).astype("float32")
+    x = rng.standard_normal((*rows, 64)).astype("float32")
     kernel = to_numpy(keras.ops.cast(layer.kernel, "bfloat16")).astype("float64")
     inputs = to_numpy(keras.ops.cast(x, "bfloat16")).astype("float64")
     expected = np.einsum("btd,ndh->btnh", inputs, kernel)

@@ -58,7 +58,7 @@ def _project_to_heads(layer, x):
     if layer.quantization_mode is not None:
         return layer(x)
     if layer.kernel.shape[0] == 1:
-        return _single_rows_as_two(layer, x)  # one head: `"btd,ndh"` needs no copy
+        return _single_rows_as_two(lambda x: project(layer, x), x)  # one head: no copy
     kernel = layer.kernel  # LoRA-merged when LoRA is enabled, as `layer(x)` uses
     x = ops.broadcast_to(x[None], (kernel.shape[0], *ops.shape(x)))  # [n, b, t, d]
     return ops.transpose(ops.einsum("nbtd,ndh->nbth", x, kernel), (1, 2, 0, 3))

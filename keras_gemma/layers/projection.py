@@ -1,3 +1,5 @@
+import math
+
 import keras
 from keras import ops
 
@@ -47,18 +49,20 @@ def projection(
 
 
 def project(layer, x):
-    """`layer(x)` for a `projection`; where the backend multiplies
-    low-precision matrices slowly (`_backend.accumulates_in_float32`), the
-    same product asked for a float32 result, then rounded to the compute
-    dtype as the layer's own product is."""
+    """`layer(x)` for a `projection`, through `_backend.projection_einsum`
+    where the backend has a faster product than the layer's own call (the
+    same product, rounded to the compute dtype as the layer's is)."""
     dtype = layer.compute_dtype
-    if layer.quantization_mode is not None or not _backend.accumulates_in_float32(dtype):
+    if layer.quantization_mode is not None:
+        return layer(x)
+    rows = math.prod(x.shape[:-1]) if None not in x.shape[:-1] else None
+    einsum = _backend.projection_einsum(dtype, rows)
+    if einsum is None:
         return layer(x)
     # `layer.kernel` is the LoRA-merged kernel when LoRA is enabled, as in
     # the layer's call; the casts are the layer's autocasting.
     kernel = ops.cast(layer.kernel, dtype)
-    product = _backend.einsum_in_float32(layer.equation, ops.cast(x, dtype), kernel)
-    return ops.cast(product, dtype)
+    return ops.cast(einsum(layer.equation, ops.cast(x, dtype), kernel), dtype)
 
 
 def as_two_rows_if_one(product, x, pad=True):
