@@ -16,6 +16,7 @@ import os
 import time
 
 import numpy as np
+from _machine import describe_cpu
 
 OUT_DIM, IN_DIM = 16384, 2048  # one 2B feed-forward kernel
 WEIGHT_COUNT = OUT_DIM * IN_DIM
@@ -84,14 +85,20 @@ def tensorflow_kernels():
     keras_layout = list(tf.unstack(weights))
     transposed = list(tf.unstack(tf.transpose(weights, (0, 2, 1))))  # same bytes, [out, in]
     del weights
+    x3 = x[None]  # [batch, length, in], as a projection sees a decode step
     forms = [
         (
-            "bf16 x1 @ W [in, out] (Keras's layout)",
+            "bf16 x1 @ W [in, out] (Keras's layout): tf.matmul",
             tf.function(lambda w: tf.matmul(x, w)),
             keras_layout,
         ),
         (
-            "W [out, in] @ x1 (the transposed layout)",
+            "bf16 x1 @ W [in, out]: tf.einsum",
+            tf.function(lambda w: tf.einsum("btd,df->btf", x3, w)),
+            keras_layout,
+        ),
+        (
+            "W [out, in] @ x1 (the transposed layout): tf.matmul",
             tf.function(lambda w: tf.matmul(w, x, transpose_b=True)),
             transposed,
         ),
@@ -134,6 +141,7 @@ def main():
     )
     parser.add_argument("--backend", choices=["torch", "tensorflow", "jax"])
     args = parser.parse_args()
+    print(describe_cpu())
     kernels = {"torch": torch_kernels, "tensorflow": tensorflow_kernels, "jax": jax_kernels}
     for backend in [args.backend] if args.backend else list(kernels):
         kernels[backend]()

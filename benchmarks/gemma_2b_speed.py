@@ -26,6 +26,7 @@ import sys
 import time
 
 import numpy as np
+from _machine import describe_cpu
 from _rss import rss_bytes
 
 from keras_gemma.presets import preset_config
@@ -236,7 +237,8 @@ def main():
         rows.append(run("transformers", "torch"))
         print(json.dumps(rows[-1]), flush=True)
     rows = [r for r in rows if r is not None]
-    print(f"\nmemory bandwidth (float32 GEMV, NumPy): {bandwidth:.1f} GB/s")
+    print(f"\n{describe_cpu()}")
+    print(f"memory bandwidth (float32 GEMV, NumPy): {bandwidth:.1f} GB/s")
     print(
         f"{'backend':<11}{'library':<13}{'tok/s':>7}{'decode':>7}{'bound':>7}{'of bound':>9}"
         f"{'vs kh':>7}{'peak GB':>9}{'base GB':>8}{'peak/weights':>13}{'(peak-base)/w':>14}"

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from _machine import describe_cpu
+
 CONFIG = dict(
     vocabulary_size=32000,
     num_layers=6,
@@ -138,6 +140,7 @@ def main():
         f"batch {args.batch_size}, prompt {PROMPT_LENGTH}, {NEW_TOKENS} new tokens, float32, greedy"
     )
     print(f"(prefill: tokens/s of a {PREFILL_LENGTH}-token prompt, batch 1)")
+    print(describe_cpu())
     print(
         f"{'backend':<11}{'ours tok/s':>11}{'keras-hub':>11}{'ratio':>8}{'vs best kh':>11}"
         f"{'first call (ours/kh)':>23}  same tokens  prefill ours/kh"
