@@ -1,11 +1,16 @@
-"""What machine a benchmark ran on, printed above its table."""
+"""What machine a benchmark ran on, printed above its table.
+
+Reads `/proc/cpuinfo` itself rather than through `keras_gemma._backend`:
+importing the package imports Keras, which fixes the backend before
+`cpu_kernels.py` chooses one.
+"""
 
 import os
 
 
 def describe_cpu():
-    """The CPU's model and whether it has bfloat16 instructions: the kernel
-    ranking differs between, e.g., AMX Xeons and AVX2-only EPYCs."""
+    """The CPU's model and its bfloat16 instructions: the kernel ranking
+    differs between, e.g., AMX Xeons and AVX2-only EPYCs."""
     model, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as file:

@@ -121,22 +121,23 @@ def _tensorflow_matmul_lacks_bfloat16(compute_dtype):
         return False
     import tensorflow as tf
 
-    return not tf.config.list_logical_devices("GPU") and not _cpu_has_bfloat16_instructions()
+    # An unknown CPU keeps Keras's own products.
+    return not tf.config.list_logical_devices("GPU") and _cpu_bfloat16_instructions() == []
 
 
 @functools.cache
-def _cpu_has_bfloat16_instructions():
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX);
-    assumed so where `/proc/cpuinfo` cannot tell."""
+def _cpu_bfloat16_instructions():
+    """This CPU's bfloat16 instruction sets (`avx512_bf16`, `amx_bf16`), or
+    None where `/proc/cpuinfo` cannot tell."""
     try:
         with open("/proc/cpuinfo") as file:
             for line in file:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return sorted(flags & {"avx512_bf16", "amx_bf16"})
     except OSError:
         pass
-    return True
+    return None
 
 
 def _low_precision(dtype):
