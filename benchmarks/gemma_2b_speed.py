@@ -141,14 +141,12 @@ def measure(args):
     elif args.keras_hub:
         import keras_hub
 
-        from keras_gemma.weight_names import keras_hub_path
+        from keras_gemma.weight_names import assign_to_keras_hub
 
         ours = _random_backbone(GemmaBackbone, args.dtype)
         backbone = keras_hub.models.GemmaBackbone(**GEMMA_2B, dtype=args.dtype)
-        theirs = {v.path: v for v in backbone.weights}
-        for variable in ours.weights:
-            theirs[keras_hub_path(variable.path)].assign(variable)
-        del ours, theirs
+        assign_to_keras_hub(ours, backbone)
+        del ours
         lm = keras_hub.models.GemmaCausalLM(backbone)
     else:
         lm = GemmaCausalLM(_random_backbone(GemmaBackbone, args.dtype))

@@ -68,7 +68,7 @@ def measure(runs, batch_size):
 
     from keras_gemma import GemmaBackbone
     from keras_gemma import GemmaCausalLM
-    from keras_gemma.weight_names import keras_hub_path
+    from keras_gemma.weight_names import assign_to_keras_hub
 
     keras.utils.set_random_seed(0)
     backbone = GemmaBackbone(**CONFIG)
@@ -93,9 +93,7 @@ def measure(runs, batch_size):
     except ImportError:
         return results
     reference = keras_hub.models.GemmaBackbone(**CONFIG)
-    theirs_by_path = {v.path: v for v in reference.weights}
-    for variable in backbone.weights:
-        theirs_by_path[keras_hub_path(variable.path)].assign(variable)
+    assign_to_keras_hub(backbone, reference)
     theirs = keras_hub.models.GemmaCausalLM(reference)
     theirs.compile(sampler="greedy")
     first, speed = _time_calls(lambda: theirs.generate(inputs, stop_token_ids=None), runs)

@@ -84,6 +84,21 @@ def accumulates_in_float32(compute_dtype):
     return _low_precision(compute_dtype) and jax.default_backend() == "cpu"
 
 
+def pads_single_rows(compute_dtype):
+    """Whether one row times an `[out, in]` kernel should be computed as two
+    rows (the second zero; no extra weight traffic).
+
+    JAX on CPU, low precision: XLA multiplies two or more rows by an `[out,
+    in]` bfloat16 kernel in one fused loop that reads the weights as stored
+    (8.5 GB/s, 2 rows), but one row goes to its matrix-vector kernel, which
+    needs a float32 copy of the kernel (3.9 GB/s) and, inside a decode loop,
+    keeps that copy for the whole loop: 12 2048x16384 kernels in an 8-step
+    loop, 189 ms and +0 GB per step padded against 409 ms and +2.6 GB.
+    `[in, out]` kernels lose by it (779 ms padded).
+    """
+    return accumulates_in_float32(compute_dtype)
+
+
 def einsum_in_float32(equation, x, kernel):
     """`einsum` of two low-precision tensors, accumulated and returned in
     float32 (see `accumulates_in_float32`); JAX only."""

@@ -93,9 +93,10 @@ class GemmaConfig:
                 "attention/key": ((kv, d, h), (1, 1, kv, h)),
                 "attention/value": ((kv, d, h), (1, 1, kv, h)),
                 "attention/attention_output": ((n, h, d), (1, 1, d)),
-                "feed_forward/ffw_gating": ((d, f), (1, 1, f)),
-                "feed_forward/ffw_gating_2": ((d, f), (1, 1, f)),
-                "feed_forward/ffw_linear": ((f, d), (1, 1, d)),
+                # `[out, in]`: see `GemmaFeedForward`.
+                "feed_forward/ffw_gating": ((f, d), (1, 1, f)),
+                "feed_forward/ffw_gating_2": ((f, d), (1, 1, f)),
+                "feed_forward/ffw_linear": ((d, f), (1, 1, d)),
             }
             shapes[f"{block}/pre_attention_norm/scale"] = (d,)
             shapes[f"{block}/pre_ffw_norm/scale"] = (d,)

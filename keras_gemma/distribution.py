@@ -33,7 +33,8 @@ from keras_gemma.config import GemmaConfig
 
 # Variable-path regex -> (example path in `GemmaConfig.weight_shapes()`,
 # axes to shard in order of preference, whether it must be shardable).
-# Query/key/value `[heads, hidden, head_dim]`, output `[heads, head_dim, hidden]`.
+# Query/key/value `[heads, hidden, head_dim]`, output `[heads, head_dim, hidden]`,
+# feed-forward `[out, in]`: the intermediate axis shards first.
 _RULES = {
     "token_embedding/embeddings": ("token_embedding/embeddings", (0, 1), True),
     r"decoder_block_\d+/attention/query/kernel": (
@@ -55,12 +56,12 @@ _RULES = {
     ),
     r"decoder_block_\d+/feed_forward/ffw_gating(_2)?/kernel": (
         "decoder_block_0/feed_forward/ffw_gating/kernel",
-        (1, 0),
+        (0, 1),
         True,
     ),
     r"decoder_block_\d+/feed_forward/ffw_linear/kernel": (
         "decoder_block_0/feed_forward/ffw_linear/kernel",
-        (0, 1),
+        (1, 0),
         True,
     ),
 }

@@ -49,7 +49,10 @@ LORA_TARGETS = {
 DEFAULT_TARGETS = ("query", "value")
 
 _FORMAT = "keras_gemma.lora"
-_FORMAT_VERSION = "1"
+# Version 1 files predate `[out, in]` feed-forward kernels: their adapters
+# for those are `a [in, r]`, `b [r, out]`, read as `a = b1.T`, `b = a1.T`
+# (the transposed update).
+_FORMAT_VERSION = "2"
 
 
 def _layer_path(index, target):
@@ -207,7 +210,27 @@ def _read_lora_file(path):
             "save one with `backbone.save_lora_weights(path)`. For Hugging Face "
             "PEFT adapters use the PEFT library."
         )
-    return metadata, {name: reader.read(name) for name in reader.tensors}
+    tensors = {name: reader.read(name) for name in reader.tensors}
+    version = metadata.get("format_version")
+    if version == "1":
+        tensors = _from_version_1(tensors)
+    elif version != _FORMAT_VERSION:
+        raise ValueError(
+            f"'{path}' is a keras_gemma LoRA file of format version {version!r}; this "
+            f"keras_gemma reads versions '1' and {_FORMAT_VERSION!r}. Upgrade keras_gemma."
+        )
+    return metadata, tensors
+
+
+def _from_version_1(tensors):
+    converted = dict(tensors)
+    for name in tensors:
+        layer, leaf = name.rsplit("/", 1)
+        if leaf == "lora_kernel_a" and "/feed_forward/" in name:
+            a, b = tensors[name], tensors[f"{layer}/lora_kernel_b"]
+            converted[name] = np.ascontiguousarray(b.T)
+            converted[f"{layer}/lora_kernel_b"] = np.ascontiguousarray(a.T)
+    return converted
 
 
 def load_lora_weights(backbone, path):
@@ -333,8 +356,8 @@ def _peft_factors(target, a, b):
         # a: [heads, head_dim, r] over the merged input axis; b: [r, hidden].
         lora_a = a.reshape(-1, a.shape[-1]).T
         lora_b = b.T
-    else:  # feed-forward: a [in, r], b [r, out]
-        lora_a, lora_b = a.T, b.T
+    else:  # feed-forward `[out, in]`: a [out, r], b [r, in]
+        lora_a, lora_b = b, a
     return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
 
 

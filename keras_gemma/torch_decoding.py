@@ -7,7 +7,8 @@ config (6 layers, hidden 512): 23.6 ms per step through Keras, of which the
 matrix products are 7.5 ms; this module runs the same step in ~8 ms.
 It also picks the fast CPU kernels: `aten._weight_int8pack_mm` for int8
 weights and `F.linear` for bfloat16, both of which want `[out, in]`
-storage, which it gets by re-laying out the Keras variables' own storage.
+storage: the feed-forward kernels are stored so, and the attention kernels
+get it by re-laying out the Keras variables' own storage.
 
 It computes exactly what `GemmaBackbone.compute_hidden_states` plus
 `GemmaCausalLM.compute_logits` compute (same dtypes, same float32 islands;
@@ -40,11 +41,13 @@ def _rows_first_views(shape, heads):
         to_rows = lambda k: k.permute(0, 2, 1)
         to_keras = lambda w: w.view(n, h, d).permute(0, 2, 1)
         return (n * h, d), to_rows, to_keras
-    # [in, out] or [n, h, d]: everything before the last axis is the input.
-    out_dim, in_dim = shape[-1], math.prod(shape[:-1])
-    to_rows = lambda k: k.reshape(in_dim, out_dim).t()
-    to_keras = lambda w: w.t().reshape(shape)
-    return (out_dim, in_dim), to_rows, to_keras
+    if heads == "in":  # [n, h, d] <-> [d, n * h]
+        out_dim, in_dim = shape[-1], math.prod(shape[:-1])
+        to_rows = lambda k: k.reshape(in_dim, out_dim).t()
+        to_keras = lambda w: w.t().reshape(shape)
+        return (out_dim, in_dim), to_rows, to_keras
+    same = lambda k: k  # already [out, in]
+    return tuple(shape), same, same
 
 
 def _rows_first(variable, heads):
@@ -127,10 +130,10 @@ def _int8_linear(x, kernel, scale):
 class _Projection:
     """One `EinsumDense` as a function of `[rows, in]` inputs -> `[rows, out]`.
 
-    Kernels are `[in, out]` (feed-forward), `[heads, in, head_dim]`
-    (query/key/value: `heads="out"`) or `[heads, head_dim, out]` (attention
-    output: `heads="in"`), as Keras and keras-hub store them. Where it is
-    faster they are used `[out, in]`: int8 (the CPU kernel requires it) and
+    Kernels are `[out, in]` (feed-forward: `heads=None`), `[heads, in,
+    head_dim]` (query/key/value: `heads="out"`) or `[heads, head_dim, out]`
+    (attention output: `heads="in"`). Where it is faster the attention
+    kernels are used `[out, in]` too: int8 (the CPU kernel requires it) and
     bfloat16/float16 on CPU (oneDNN reads `[out, in]` at ~31 GB/s against
     ~13 GB/s for `[in, out]`, measured with a 2048x16384 matrix here).
     """
@@ -144,13 +147,19 @@ class _Projection:
                 f"Decoding with {layer.quantization_mode!r} weights on torch is not supported."
             )
         kernel = layer._kernel
-        self.rows_first = self.quantized or (
-            kernel.value.device.type == "cpu"
-            and kernel.value.dtype == dtype
-            and dtype in (torch.bfloat16, torch.float16)
+        self.rows_first = (
+            heads is None
+            or self.quantized
+            or (
+                kernel.value.device.type == "cpu"
+                and kernel.value.dtype == dtype
+                and dtype in (torch.bfloat16, torch.float16)
+            )
         )
         if self.rows_first:
             self.kernel = _rows_first(kernel, heads)
+            if not self.quantized:  # a cast copy only under mixed precision
+                self.kernel = self.kernel.to(dtype)
         else:
             self.kernel = self._as_matrix(_value(kernel))
         if self.quantized:
@@ -159,16 +168,17 @@ class _Projection:
         self.lora = None
         if layer.lora_enabled:
             scale = layer.lora_alpha / layer.lora_rank
-            self.lora = (
-                self._as_matrix(_value(layer.lora_kernel_a)),
-                _value(layer.lora_kernel_b).to(dtype) * scale,
-            )
+            a, b = _value(layer.lora_kernel_a).to(dtype), _value(layer.lora_kernel_b).to(dtype)
+            if heads is None:  # the update `a @ b` is `[out, in]`: x @ b.T @ a.T
+                self.lora = (b.t(), a.t() * scale)
+            else:
+                self.lora = (self._as_matrix(a), b * scale)
 
     def _as_matrix(self, kernel):
         kernel = kernel.to(self.dtype)
         if self.heads == "in":  # [n, h, d] -> [n * h, d], a free view
             return kernel.reshape(-1, kernel.shape[-1])
-        return kernel  # [in, out], or [n, in, h] used per head
+        return kernel  # [n, in, h], used per head
 
     def __call__(self, x):
         rows = x.shape[0]

@@ -19,6 +19,39 @@ def keras_hub_path(path):
     return path.replace("/feed_forward/", "/")
 
 
+def _transposed_in_keras_hub(path):
+    # keras-hub stores feed-forward kernels `[in, out]`; we store them
+    # `[out, in]` (see `GemmaFeedForward`). Nothing else differs.
+    return path.endswith("/kernel") and "/feed_forward/" in path
+
+
+def keras_hub_shape(path, shape):
+    """The shape keras-hub stores our variable `path` of `shape` in."""
+    return tuple(reversed(shape)) if _transposed_in_keras_hub(path) else tuple(shape)
+
+
+def keras_hub_array(path, array):
+    """Our NumPy array for variable `path` in keras-hub's layout, or
+    keras-hub's in ours: the same map both ways (a transpose or nothing).
+
+    >>> keras_hub_array("decoder_block_0/feed_forward/ffw_linear/kernel",
+    ...     np.zeros((8, 32))).shape
+    (32, 8)
+    """
+    if _transposed_in_keras_hub(path):
+        return np.ascontiguousarray(np.transpose(array))
+    return array
+
+
+def assign_to_keras_hub(backbone, keras_hub_backbone):
+    """Copies our backbone's weights into a keras-hub `GemmaBackbone` of the
+    same config, one tensor on the host at a time."""
+    theirs = {v.path: v for v in keras_hub_backbone.weights}
+    for variable in backbone.weights:
+        array = keras_hub_array(variable.path, np.asarray(variable.numpy()))
+        theirs[keras_hub_path(variable.path)].assign(array)
+
+
 def huggingface_tensors(config):
     """Maps our variable paths to Hugging Face `GemmaForCausalLM` tensors.
 
@@ -46,7 +79,6 @@ def huggingface_tensors(config):
         # ours [n, h, d] <-> theirs [d, n * h]
         return np.reshape(x, (n * h, d)).T
 
-    transpose = lambda x: np.transpose(x)
     tensors = {
         "token_embedding/embeddings": ("model.embed_tokens.weight", same, same),
         "final_normalization/scale": ("model.norm.weight", same, same),
@@ -84,18 +116,18 @@ def huggingface_tensors(config):
                 ),
                 f"{ours}/feed_forward/ffw_gating/kernel": (
                     f"{theirs}.mlp.gate_proj.weight",
-                    transpose,
-                    transpose,
+                    same,
+                    same,
                 ),
                 f"{ours}/feed_forward/ffw_gating_2/kernel": (
                     f"{theirs}.mlp.up_proj.weight",
-                    transpose,
-                    transpose,
+                    same,
+                    same,
                 ),
                 f"{ours}/feed_forward/ffw_linear/kernel": (
                     f"{theirs}.mlp.down_proj.weight",
-                    transpose,
-                    transpose,
+                    same,
+                    same,
                 ),
             }
         )

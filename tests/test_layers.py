@@ -95,14 +95,16 @@ def test_attention_cache_step_equals_full_pass():
 
 
 def test_feed_forward_is_geglu():
-    layer = GemmaFeedForward(intermediate_dim=12)
+    layer = GemmaFeedForward(intermediate_dim=16)
     x = np.random.default_rng(4).normal(size=(1, 2, 6)).astype("float32")
     out = layer(x)
-    gate = x @ to_numpy(layer.ffw_gating.kernel)
-    up = x @ to_numpy(layer.ffw_gating_2.kernel)
+    # Kernels are `[out, in]`, each branch half of intermediate_dim.
+    assert layer.ffw_gating.kernel.shape == (8, 6)
+    assert layer.ffw_linear.kernel.shape == (6, 8)
+    gate = x @ to_numpy(layer.ffw_gating.kernel).T
+    up = x @ to_numpy(layer.ffw_gating_2.kernel).T
     gelu = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
-    assert_close(out, (gelu * up) @ to_numpy(layer.ffw_linear.kernel), atol=1e-5)
-    assert layer.ffw_gating.kernel.shape == (6, 6)  # half of intermediate_dim
+    assert_close(out, (gelu * up) @ to_numpy(layer.ffw_linear.kernel).T, atol=1e-5)
 
 
 @pytest.mark.parametrize(

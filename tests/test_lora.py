@@ -121,6 +121,41 @@ def test_load_mismatches_are_clear_errors(tmp_path):
         make_backbone("mqa").load_lora_weights(tmp_path / "other.safetensors")
 
 
+def test_version_1_files_with_in_out_feed_forward_adapters_still_load(tmp_path):
+    """Version 1 files stored feed-forward adapters for `[in, out]` kernels:
+    `a1 [in, r] @ b1 [r, out]`, the transpose of today's `[out, in]` update."""
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file
+
+    backbone = make_backbone("mha", intermediate_dim=48)  # non-square kernels
+    backbone.enable_lora(3, target_layer_names=["query", "ffw_gating", "ffw_linear"])
+    _randomize_adapters(backbone, seed=5)
+    expected = _logits(backbone)
+    path = tmp_path / "v2.safetensors"
+    backbone.save_lora_weights(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as reader:
+        metadata = reader.metadata()
+    assert metadata["format_version"] == "2"
+    tensors = load_file(str(path))
+    old = dict(tensors)
+    for name in tensors:
+        if "/feed_forward/" in name and name.endswith("/lora_kernel_a"):
+            b_name = name.replace("lora_kernel_a", "lora_kernel_b")
+            a, b = tensors[name], tensors[b_name]
+            old[name], old[b_name] = np.ascontiguousarray(b.T), np.ascontiguousarray(a.T)
+            assert old[name].shape[0] != a.shape[0]  # the layouts really differ
+    save_file(old, str(tmp_path / "v1.safetensors"), {**metadata, "format_version": "1"})
+    fresh = make_backbone("mha", intermediate_dim=48)
+    fresh.load_lora_weights(tmp_path / "v1.safetensors")
+    np.testing.assert_array_equal(_logits(fresh), expected)
+
+    save_file(old, str(tmp_path / "v9.safetensors"), {**metadata, "format_version": "9"})
+    with pytest.raises(ValueError, match="format version '9'.*Upgrade keras_gemma"):
+        make_backbone("mha", intermediate_dim=48).load_lora_weights(tmp_path / "v9.safetensors")
+
+
 def test_merge_folds_adapters_and_removes_them(layout):
     backbone = make_backbone(layout)
     base_count = len(backbone.weights)

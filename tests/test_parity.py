@@ -8,7 +8,7 @@ from helpers import to_numpy
 from helpers import transformers_copy
 
 from keras_gemma import GemmaCausalLM
-from keras_gemma.weight_names import keras_hub_path
+from keras_gemma.weight_names import assign_to_keras_hub
 
 TOKENS = np.array(
     [[2, 17, 99, 5, 250, 31, 7, 42, 8, 300], [2, 64, 3, 12, 0, 0, 0, 0, 0, 0]], "int32"
@@ -19,10 +19,8 @@ MASK = (np.arange(10)[None] < np.array([[10], [4]])).astype("int32")
 def _keras_hub_copy(backbone, layout):
     keras_hub = pytest.importorskip("keras_hub")
     reference = keras_hub.models.GemmaBackbone(**tiny_backbone_kwargs(layout))
-    theirs = {v.path: v for v in reference.weights}
-    assert len(theirs) == len(backbone.weights)
-    for variable in backbone.weights:
-        theirs[keras_hub_path(variable.path)].assign(to_numpy(variable))
+    assert len(reference.weights) == len(backbone.weights)
+    assign_to_keras_hub(backbone, reference)
     return keras_hub, reference
 
 

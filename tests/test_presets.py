@@ -26,7 +26,7 @@ from keras_gemma import checkpoints
 from keras_gemma.checkpoints import CheckpointError
 from keras_gemma.checkpoints import PresetDownloadError
 from keras_gemma.tokenizer import train_sentencepiece
-from keras_gemma.weight_names import keras_hub_path
+from keras_gemma.weight_names import assign_to_keras_hub
 
 TOKENS = np.array([[2, 17, 99, 5, 250, 31, 7, 42], [2, 64, 3, 12, 0, 0, 0, 0]], "int32")
 MASK = (np.arange(8)[None] < np.array([[8], [4]])).astype("int32")
@@ -48,9 +48,7 @@ def keras_hub_preset(tmp_path_factory, vocab_proto):
     keras_hub = pytest.importorskip("keras_hub")
     backbone = make_backbone("mqa", seed=4)
     reference = keras_hub.models.GemmaBackbone(**tiny_backbone_kwargs("mqa"))
-    theirs = {v.path: v for v in reference.weights}
-    for variable in backbone.weights:
-        theirs[keras_hub_path(variable.path)].assign(to_numpy(variable))
+    assign_to_keras_hub(backbone, reference)
     tokenizer = keras_hub.models.GemmaTokenizer(proto=vocab_proto)
     preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=48)
     model = keras_hub.models.GemmaCausalLM(reference, preprocessor)

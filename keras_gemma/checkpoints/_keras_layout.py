@@ -26,7 +26,9 @@ from keras_gemma.checkpoints._io import check_shape
 from keras_gemma.checkpoints._io import read_json
 from keras_gemma.checkpoints._io import write_json
 from keras_gemma.config import GemmaConfig
+from keras_gemma.weight_names import keras_hub_array
 from keras_gemma.weight_names import keras_hub_path
+from keras_gemma.weight_names import keras_hub_shape
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -200,8 +202,10 @@ def weight_loaders(directory, config, quantization_mode=None):
         for path, shape in config.weight_shapes(quantization_mode).items():
             key = h5_dataset(path)
             dataset = weights.dataset(key)
-            check_shape(path, shape, dataset.shape, f"{directory} ({key})")
-            loaders[path] = lambda dataset=dataset, key=key: _read_dataset(dataset, key)
+            check_shape(path, keras_hub_shape(path, shape), dataset.shape, f"{directory} ({key})")
+            loaders[path] = lambda dataset=dataset, key=key, path=path: keras_hub_array(
+                path, _read_dataset(dataset, key)
+            )
     except BaseException:
         weights.close()
         raise
@@ -326,7 +330,9 @@ def write_backbone(directory, backbone):
             group = file.require_group(group_name)
             group.attrs["name"] = keras_hub_path(path).rsplit("/", 2)[-2]
             # One tensor on the host at a time.
-            array = np.asarray(keras.ops.convert_to_numpy(variables[path].value))
+            array = keras_hub_array(
+                path, np.asarray(keras.ops.convert_to_numpy(variables[path].value))
+            )
             dataset = group.create_dataset(index, data=array)
             if array.dtype == ml_dtypes.bfloat16:
                 dataset.attrs["dtype"] = "bfloat16"

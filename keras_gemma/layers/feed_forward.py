@@ -14,6 +14,15 @@ class GemmaFeedForward(keras.layers.Layer):
     quantization apply to them unchanged; `quantization_mode` builds them
     quantized.
 
+    Kernels are stored `[out, in]` (as Hugging Face and PyTorch store them;
+    keras-hub stores `[in, out]` and checkpoints transpose on the way, see
+    `weight_names.keras_hub_array`). XLA on CPU multiplies a decode step's
+    rows by a bfloat16 `[out, in]` matrix in one fused loop that reads the
+    weights as stored, ~2x faster than its `[in, out]` product, which
+    converts every kernel to a float32 copy and keeps those copies for the
+    whole decode loop (+1.6x the weights' bytes). PyTorch's CPU kernels want `[out, in]`
+    too, so decoding there needs no re-layout.
+
     Example:
     >>> import numpy as np
     >>> ffw = GemmaFeedForward(intermediate_dim=32)
@@ -48,9 +57,9 @@ class GemmaFeedForward(keras.layers.Layer):
                 self.projection_quantization_mode,
             )
 
-        self.ffw_gating = dense("ffw_gating", "btd,df->btf", branch_dim)
-        self.ffw_gating_2 = dense("ffw_gating_2", "btd,df->btf", branch_dim)
-        self.ffw_linear = dense("ffw_linear", "btf,fd->btd", hidden_dim)
+        self.ffw_gating = dense("ffw_gating", "btd,fd->btf", branch_dim)
+        self.ffw_gating_2 = dense("ffw_gating_2", "btd,fd->btf", branch_dim)
+        self.ffw_linear = dense("ffw_linear", "btf,df->btd", hidden_dim)
         self.ffw_gating.build(input_shape)
         self.ffw_gating_2.build(input_shape)
         self.ffw_linear.build((None, None, branch_dim))

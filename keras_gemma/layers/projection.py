@@ -62,7 +62,15 @@ def project(layer, x):
     # `layer.kernel` is the LoRA-merged kernel when LoRA is enabled, as in
     # the layer's call; the casts are the layer's autocasting.
     kernel = ops.cast(layer.kernel, dtype)
-    return ops.cast(einsum(layer.equation, ops.cast(x, dtype), kernel), dtype)
+    pad = rows == 1 and _backend.pads_single_rows(dtype) and _kernel_is_rows_first(layer)
+    y = as_two_rows_if_one(lambda x: einsum(layer.equation, x, kernel), ops.cast(x, dtype), pad)
+    return ops.cast(y, dtype)
+
+
+def _kernel_is_rows_first(layer):
+    """Whether the kernel is `[..., in]`: its last axis is the contracted one."""
+    inputs, kernel = layer.equation.split("->")[0].split(",")
+    return kernel[-1] == inputs[-1]
 
 
 def as_two_rows_if_one(product, x, pad=True):
