@@ -99,6 +99,25 @@ def pads_single_rows(compute_dtype):
     return accumulates_in_float32(compute_dtype)
 
 
+def decode_embedding_lookup(embedding, token_ids):
+    """`embedding(token_ids)` for a Keras `Embedding`, inside a decode loop.
+
+    JAX on CPU, low precision: XLA turns the step's bfloat16 row lookup into
+    a lookup in a float32 copy of the whole table, which it makes once
+    before the loop and keeps for all of it (2B: +2 GB). Tying the table to
+    the step's token ids with an optimization barrier keeps the conversion
+    inside the lookup, where it touches only the rows looked up.
+    """
+    if embedding.quantization_mode is not None or not accumulates_in_float32(
+        embedding.compute_dtype
+    ):
+        return embedding(token_ids)
+    import jax
+
+    table, token_ids = jax.lax.optimization_barrier((embedding.embeddings.value, token_ids))
+    return keras.ops.cast(keras.ops.take(table, token_ids, axis=0), embedding.compute_dtype)
+
+
 def einsum_in_float32(equation, x, kernel):
     """`einsum` of two low-precision tensors, accumulated and returned in
     float32 (see `accumulates_in_float32`); JAX only."""

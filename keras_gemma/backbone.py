@@ -5,6 +5,7 @@ import functools
 import keras
 from keras import ops
 
+from keras_gemma import _backend
 from keras_gemma import distribution
 from keras_gemma import lora
 from keras_gemma.config import GemmaConfig
@@ -190,7 +191,10 @@ class GemmaBackbone(keras.Model):
             from keras_gemma.torch_decoding import use_keras_layout
 
             use_keras_layout(self)  # undo generation's re-layout, if any
-        x = self.token_embedding(token_ids)
+        if cache is None:
+            x = self.token_embedding(token_ids)
+        else:
+            x = _backend.decode_embedding_lookup(self.token_embedding, token_ids)
         # Gemma scales embeddings by sqrt(hidden_dim) in the compute dtype, as
         # the reference implementations do; in bfloat16 this rounds.
         x = x * ops.cast(self.config.hidden_dim**0.5, x.dtype)

@@ -132,27 +132,33 @@ def test_attention_rejects_ungroupable_heads():
 @pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("rows", [(2, 5), (1, 1)])
-def test_projection_products_equal_float64_within_bfloat16_rounding(dtype, lora, rows):
-    # On JAX's CPU `project` asks for a float32 result (a faster kernel); on
-    # TensorFlow without bfloat16 instructions one row goes to `tf.einsum`;
-    # elsewhere it is the layer's call. Either way: the einsum of the
-    # compute-dtype operands with LoRA merged (under mixed precision Keras
-    # merges in bfloat16, hence the tolerance; the adapter adds O(1)).
+@pytest.mark.parametrize(
+    "equation, output_shape", [("btd,ndh->btnh", (None, 3, 8)), ("btd,fd->btf", (None, 24))]
+)
+def test_projection_products_equal_float64_within_bfloat16_rounding(
+    dtype, lora, rows, equation, output_shape
+):
+    # On JAX's CPU `project` asks for a float32 result (a faster kernel), and
+    # one row times an `[out, in]` kernel is computed as two; on TensorFlow
+    # without bfloat16 instructions one row goes to `tf.einsum`; elsewhere it
+    # is the layer's call. Either way: the einsum of the compute-dtype
+    # operands with LoRA merged (under mixed precision Keras merges in
+    # bfloat16, hence the tolerance; the adapter adds O(1)).
     from keras_gemma.layers.projection import project
     from keras_gemma.layers.projection import projection
 
-    layer = projection(
-        "btd,ndh->btnh", (None, 3, 8), "glorot_uniform", keras.dtype_policies.get(dtype), "q"
-    )
+    initializer = keras.initializers.GlorotUniform(seed=1)  # deterministic tolerances
+    layer = projection(equation, output_shape, initializer, keras.dtype_policies.get(dtype), "q")
     layer.build((None, None, 64))
     rng = np.random.default_rng(0)
     if lora:
         layer.enable_lora(2)
+        layer.lora_kernel_a.assign(rng.uniform(-0.3, 0.3, layer.lora_kernel_a.shape))
         layer.lora_kernel_b.assign(rng.normal(0, 0.5, layer.lora_kernel_b.shape))
     x = rng.standard_normal((*rows, 64)).astype("float32")
     kernel = to_numpy(keras.ops.cast(layer.kernel, "bfloat16")).astype("float64")
     inputs = to_numpy(keras.ops.cast(x, "bfloat16")).astype("float64")
-    expected = np.einsum("btd,ndh->btnh", inputs, kernel)
+    expected = np.einsum(equation, inputs, kernel)
     for result in (project(layer, x), layer(x)):
         assert keras.backend.standardize_dtype(result.dtype) == "bfloat16"
         np.testing.assert_allclose(

@@ -62,15 +62,20 @@ def project(layer, x):
     # `layer.kernel` is the LoRA-merged kernel when LoRA is enabled, as in
     # the layer's call; the casts are the layer's autocasting.
     kernel = ops.cast(layer.kernel, dtype)
-    pad = rows == 1 and _backend.pads_single_rows(dtype) and _kernel_is_rows_first(layer)
-    y = as_two_rows_if_one(lambda x: einsum(layer.equation, x, kernel), ops.cast(x, dtype), pad)
-    return ops.cast(y, dtype)
+    x = ops.cast(x, dtype)
+    if rows == 1 and _backend.pads_single_rows(dtype) and _is_out_in_matrix(layer):
+        # As a 2-D product: XLA gave the `[2, 1, in]` form a transposed copy
+        # of the kernel, made once before the decode loop.
+        row = ops.reshape(x, (1, -1))
+        y = as_two_rows_if_one(lambda row: einsum("ri,oi->ro", row, kernel), row)
+        return ops.cast(ops.reshape(y, (*x.shape[:-1], -1)), dtype)
+    return ops.cast(einsum(layer.equation, x, kernel), dtype)
 
 
-def _kernel_is_rows_first(layer):
-    """Whether the kernel is `[..., in]`: its last axis is the contracted one."""
+def _is_out_in_matrix(layer):
+    """Whether the kernel is an `[out, in]` matrix (the feed-forward's)."""
     inputs, kernel = layer.equation.split("->")[0].split(",")
-    return kernel[-1] == inputs[-1]
+    return len(kernel) == 2 and kernel[-1] == inputs[-1]
 
 
 def as_two_rows_if_one(product, x, pad=True):
