@@ -20,8 +20,8 @@ class GemmaFeedForward(keras.layers.Layer):
     rows by a bfloat16 `[out, in]` matrix in one fused loop that reads the
     weights as stored, ~2x faster than its `[in, out]` product, which
     converts every kernel to a float32 copy and keeps those copies for the
-    whole decode loop (+1.6x the weights' bytes). PyTorch's CPU kernels want `[out, in]`
-    too, so decoding there needs no re-layout.
+    whole decode loop (+1.6x the weights' bytes). PyTorch's CPU kernels
+    want `[out, in]` too, so decoding there needs no re-layout.
 
     Example:
     >>> import numpy as np
