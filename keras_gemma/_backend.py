@@ -59,15 +59,6 @@ def _xla_helps_tensorflow(compute_dtype):
     return not (_low_precision(compute_dtype) and not tf.config.list_logical_devices("GPU"))
 
 
-def strips_single_row_products(compute_dtype):
-    """Whether one-row products should be computed as two (see
-    `keras_gemma.layers.attention._single_rows_as_two`): only where
-    TensorFlow decodes under XLA; JAX's newer XLA keeps the row axis and
-    calls its matrix kernel, and TensorFlow's own bfloat16 kernels (no XLA
-    on CPU) were ~9% slower on 2B with the extra row."""
-    return keras.config.backend() == "tensorflow" and _xla_helps_tensorflow(compute_dtype)
-
-
 def accumulates_in_float32(compute_dtype):
     """Whether low-precision products should ask for a float32 result.
 
@@ -94,8 +85,14 @@ def pads_single_rows(compute_dtype):
     needs a float32 copy of the kernel (3.9 GB/s) and, inside a decode loop,
     keeps that copy for the whole loop: 12 2048x16384 kernels in an 8-step
     loop, 189 ms and +0 GB per step padded against 409 ms and +2.6 GB.
-    `[in, out]` kernels lose by it (779 ms padded).
+    TensorFlow under XLA (where it decodes with XLA, see
+    `_xla_helps_tensorflow`): XLA's CPU compiler strips a one-row product
+    down to a vector-matrix dot emitted as a plain loop, 2.8 GB/s against
+    20-30 GB/s for its matrix kernel (twelve 512x512 kernels in a `while`
+    loop, measured here).
     """
+    if keras.config.backend() == "tensorflow":
+        return _xla_helps_tensorflow(compute_dtype)
     return accumulates_in_float32(compute_dtype)
 
 

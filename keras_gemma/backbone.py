@@ -187,10 +187,6 @@ class GemmaBackbone(keras.Model):
             `(hidden_states, cache)`: `[batch, sequence, hidden_dim]` and the
             updated cache (`None` if none was given).
         """
-        if keras.config.backend() == "torch":
-            from keras_gemma.torch_decoding import use_keras_layout
-
-            use_keras_layout(self)  # undo generation's re-layout, if any
         if cache is None:
             x = self.token_embedding(token_ids)
         else:

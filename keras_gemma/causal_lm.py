@@ -160,18 +160,10 @@ class GemmaCausalLM(keras.Model):
 
     # Training and evaluation take raw text through the preprocessor.
 
-    def _prepare_keras_forward(self):
-        if keras.config.backend() == "torch":
-            from keras_gemma.torch_decoding import use_keras_layout
-
-            # Before any `torch.compile` traces the weights' layout.
-            use_keras_layout(self.backbone)
-
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         self._ensure_compiled()
         self._warn_if_updates_vanish()
         lora.check_trainable_through_int8(self.backbone)
-        self._prepare_keras_forward()
         x, y, sample_weight, batch_size = adapt_fit_inputs(
             self.preprocessor, x, y, sample_weight, batch_size, kwargs.get("shuffle", True)
         )
@@ -184,7 +176,6 @@ class GemmaCausalLM(keras.Model):
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         self._ensure_compiled()
-        self._prepare_keras_forward()
         x, y, sample_weight, batch_size = adapt_fit_inputs(
             self.preprocessor, x, y, sample_weight, batch_size, False
         )

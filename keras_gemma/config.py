@@ -89,11 +89,11 @@ class GemmaConfig:
         for i in range(self.num_layers):
             block = f"decoder_block_{i}"
             kernels = {
-                "attention/query": ((n, d, h), (1, 1, n, h)),
-                "attention/key": ((kv, d, h), (1, 1, kv, h)),
-                "attention/value": ((kv, d, h), (1, 1, kv, h)),
-                "attention/attention_output": ((n, h, d), (1, 1, d)),
-                # `[out, in]`: see `GemmaFeedForward`.
+                # `[out, in]`: see `GemmaAttention` and `GemmaFeedForward`.
+                "attention/query": ((n, h, d), (1, 1, n, h)),
+                "attention/key": ((kv, h, d), (1, 1, kv, h)),
+                "attention/value": ((kv, h, d), (1, 1, kv, h)),
+                "attention/attention_output": ((d, n * h), (1, 1, d)),
                 "feed_forward/ffw_gating": ((f, d), (1, 1, f)),
                 "feed_forward/ffw_gating_2": ((f, d), (1, 1, f)),
                 "feed_forward/ffw_linear": ((d, f), (1, 1, d)),

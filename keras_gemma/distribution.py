@@ -5,7 +5,7 @@ axis in its preference list that the model axis divides: heads first
 (Megatron-style, so attention stays local to a device), then the hidden or
 feed-forward axis. An axis the mesh dimension does not divide is never
 sharded: Gemma 2B has a single key/value head, so its key/value kernels
-`[1, hidden, head_dim]` shard along `hidden` instead (the bug that keeps
+`[1, head_dim, hidden]` shard along `hidden` instead (the bug that keeps
 keras-hub's layout from loading 2B model-parallel). Norm scales and LoRA
 adapters are small and replicated; weights are replicated across the data
 (batch) axis, which carries the batch.
@@ -20,7 +20,7 @@ Example:
 ...     devices=[f"cpu:{i}" for i in range(8)])
 >>> layout_map = get_layout_map(config, mesh)
 >>> layout_map["decoder_block_0/attention/key/kernel"].axes
-(None, 'model', None)
+(None, None, 'model')
 >>> layout_map["decoder_block_0/attention/query/kernel"].axes
 ('model', None, None)
 """
@@ -33,25 +33,26 @@ from keras_gemma.config import GemmaConfig
 
 # Variable-path regex -> (example path in `GemmaConfig.weight_shapes()`,
 # axes to shard in order of preference, whether it must be shardable).
-# Query/key/value `[heads, hidden, head_dim]`, output `[heads, head_dim, hidden]`,
-# feed-forward `[out, in]`: the intermediate axis shards first.
+# Query/key/value `[heads, head_dim, hidden]`, output `[hidden, heads *
+# head_dim]`, feed-forward `[out, in]`: heads, then the intermediate axis,
+# shard first.
 _RULES = {
     "token_embedding/embeddings": ("token_embedding/embeddings", (0, 1), True),
     r"decoder_block_\d+/attention/query/kernel": (
         "decoder_block_0/attention/query/kernel",
-        (0, 1, 2),
+        (0, 2, 1),
         True,
     ),
     # With fewer key/value heads than model shards (multi-query 2B, small
     # groups) the kernels shard along hidden; replicating is the fallback.
     r"decoder_block_\d+/attention/(key|value)/kernel": (
         "decoder_block_0/attention/key/kernel",
-        (0, 1, 2),
+        (0, 2, 1),
         False,
     ),
     r"decoder_block_\d+/attention/attention_output/kernel": (
         "decoder_block_0/attention/attention_output/kernel",
-        (0, 2, 1),
+        (1, 0),
         True,
     ),
     r"decoder_block_\d+/feed_forward/ffw_gating(_2)?/kernel": (

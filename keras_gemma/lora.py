@@ -5,10 +5,9 @@ The adapters are Keras's own: every Gemma projection is a
 `lora_kernel_a` (the kernel's shape with the last axis replaced by `rank`) and
 `lora_kernel_b` (`[rank, last axis]`) and adds
 `(lora_alpha / rank) * a @ b` to the frozen kernel. That works unchanged on an
-int8-quantized base (QLoRA-style). For the query/key/value kernels
-`[heads, hidden, head_dim]` the head axis sits on the `a` side, so each head
-gets its own rank-`rank` update (as in keras-hub); `export_lora_to_peft`
-writes those exactly as rank `heads * rank` PEFT adapters.
+int8-quantized base (QLoRA-style). Our kernels are `[out, in]` (see
+`GemmaAttention`), so every adapter is a Hugging Face PEFT adapter of the same
+rank: `lora_B` is `a` with its output axes merged, `lora_A` is `b`.
 
 Adapters are addressed by layer name, e.g. `decoder_block_3/attention/query`,
 never by position in a layer list, so files survive code refactors.
@@ -19,9 +18,9 @@ Example:
 ...     num_query_heads=2, num_key_value_heads=1, hidden_dim=8,
 ...     intermediate_dim=16, head_dim=4)
 >>> enable_lora(backbone, rank=2)
->>> # query a [2, 8, 2] + b [2, 4], value a [1, 8, 2] + b [2, 4]
+>>> # query a [2, 4, 2] + b [2, 8], value a [1, 4, 2] + b [2, 8]
 >>> sum(int(np.prod(v.shape)) for v in backbone.trainable_weights)
-64
+56
 """
 
 import json
@@ -49,10 +48,9 @@ LORA_TARGETS = {
 DEFAULT_TARGETS = ("query", "value")
 
 _FORMAT = "keras_gemma.lora"
-# Version 1 files predate `[out, in]` feed-forward kernels: their adapters
-# for those are `a [in, r]`, `b [r, out]`, read as `a = b1.T`, `b = a1.T`
-# (the transposed update).
-_FORMAT_VERSION = "2"
+# Version 1 files predate `[out, in]` feed-forward kernels, versions 1 and 2
+# `[out, in]` attention kernels; see `_from_older_version`.
+_FORMAT_VERSION = "3"
 
 
 def _layer_path(index, target):
@@ -212,22 +210,43 @@ def _read_lora_file(path):
         )
     tensors = {name: reader.read(name) for name in reader.tensors}
     version = metadata.get("format_version")
-    if version == "1":
-        tensors = _from_version_1(tensors)
+    if version in ("1", "2"):
+        tensors = _from_older_version(path, version, tensors)
     elif version != _FORMAT_VERSION:
         raise ValueError(
             f"'{path}' is a keras_gemma LoRA file of format version {version!r}; this "
-            f"keras_gemma reads versions '1' and {_FORMAT_VERSION!r}. Upgrade keras_gemma."
+            f"keras_gemma reads versions '1' to {_FORMAT_VERSION!r}. Upgrade keras_gemma."
         )
     return metadata, tensors
 
 
-def _from_version_1(tensors):
+def _from_older_version(path, version, tensors):
+    """Version 1 and 2 adapters as the same updates to `[out, in]` kernels.
+
+    Each old pair `a`, `b` updated an `[in, out]`-like kernel by `a @ b`.
+    Feed-forward (version 1: `a [in, r]`, `b [r, out]`) and attention output
+    (`a [heads, head_dim, r]`, `b [r, hidden]`) updates are the transposes
+    of rank-r updates of ours, exactly. Old query/key/value adapters
+    (`a [heads, hidden, r]`, `b [r, head_dim]`: rank r per head) are rank
+    `heads * r` in our layout and cannot be loaded at the file's rank.
+    """
     converted = dict(tensors)
     for name in tensors:
         layer, leaf = name.rsplit("/", 1)
-        if leaf == "lora_kernel_a" and "/feed_forward/" in name:
-            a, b = tensors[name], tensors[f"{layer}/lora_kernel_b"]
+        if leaf != "lora_kernel_a":
+            continue
+        a, b = tensors[name], tensors[f"{layer}/lora_kernel_b"]
+        target = layer.rsplit("/", 1)[-1]
+        if target in ("query", "key", "value"):
+            raise ValueError(
+                f"'{path}' holds {target} adapters in keras_gemma's LoRA format version "
+                f"{version}, made per head for `[heads, hidden, head_dim]` kernels; this "
+                "version's `[heads, head_dim, hidden]` kernels cannot take them at the "
+                "file's rank. Merge them with the keras_gemma that wrote the file "
+                "(`backbone.merge_lora()`, then save the model), or train new adapters."
+            )
+        if target == "attention_output" or version == "1":
+            a = np.reshape(a, (-1, a.shape[-1]))  # the output's [heads, head_dim] -> in
             converted[name] = np.ascontiguousarray(b.T)
             converted[f"{layer}/lora_kernel_b"] = np.ascontiguousarray(a.T)
     return converted
@@ -339,26 +358,10 @@ def merge_lora(backbone):
 # Hugging Face PEFT export.
 
 
-def _peft_factors(target, a, b):
-    """PEFT `(lora_A [R, in], lora_B [out, R])` with `B @ A` equal to our update.
-
-    Ours: `delta = a @ b` in our kernel layout. For query/key/value kernels
-    `[heads, hidden, head_dim]`, `a` is `[heads, hidden, r]`: a separate
-    rank-r update per head, which in Hugging Face's merged `[heads * head_dim,
-    hidden]` layout is a rank `heads * r` matrix: `lora_A` stacks the heads'
-    `a`s and `lora_B` is block diagonal with `b.T` in each head's block.
-    """
-    if target in ("query", "key", "value"):
-        heads, hidden, rank = a.shape
-        lora_a = np.transpose(a, (0, 2, 1)).reshape(heads * rank, hidden)
-        lora_b = np.kron(np.eye(heads, dtype=b.dtype), b.T)  # [heads * head_dim, heads * r]
-    elif target == "attention_output":
-        # a: [heads, head_dim, r] over the merged input axis; b: [r, hidden].
-        lora_a = a.reshape(-1, a.shape[-1]).T
-        lora_b = b.T
-    else:  # feed-forward `[out, in]`: a [out, r], b [r, in]
-        lora_a, lora_b = b, a
-    return np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
+def _peft_factors(a, b):
+    """PEFT `(lora_A [R, in], lora_B [out, R])` with `B @ A` equal to our
+    update `a @ b` (`[out..., in]`, output axes merged as Hugging Face's)."""
+    return np.ascontiguousarray(b), np.ascontiguousarray(np.reshape(a, (-1, a.shape[-1])))
 
 
 def export_lora_to_peft(backbone, directory, base_model_name_or_path=None):
@@ -367,26 +370,23 @@ def export_lora_to_peft(backbone, directory, base_model_name_or_path=None):
     Produces `adapter_config.json` and `adapter_model.safetensors` for
     transformers' `GemmaForCausalLM`, e.g.
     `PeftModel.from_pretrained(hf_model, directory)`. Tensors are named like
-    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. Per-head
-    query/key/value adapters export exactly with `rank_pattern` rank
-    `heads * rank` (and `alpha_pattern` keeping the scale `lora_alpha / rank`).
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; every
+    adapter keeps its rank and scale exactly.
     """
     rank, alpha, targets = _require_lora(backbone)
     hf_names = huggingface_tensors(backbone.config)
     weights = lora_weights(backbone)
-    tensors, modules = {}, {}
+    tensors, modules = {}, set()
     for i in range(backbone.num_layers):
         for target in targets:
             path = _layer_path(i, target)
             hf_module = hf_names[f"{path}/kernel"][0].removesuffix(".weight")
             lora_a, lora_b = _peft_factors(
-                target, weights[f"{path}/lora_kernel_a"], weights[f"{path}/lora_kernel_b"]
+                weights[f"{path}/lora_kernel_a"], weights[f"{path}/lora_kernel_b"]
             )
             tensors[f"base_model.model.{hf_module}.lora_A.weight"] = lora_a
             tensors[f"base_model.model.{hf_module}.lora_B.weight"] = lora_b
-            modules[hf_module.rsplit(".", 1)[-1]] = lora_a.shape[0]
-    scale = alpha / rank
-    rank_pattern = {m: r for m, r in modules.items() if r != rank}
+            modules.add(hf_module.rsplit(".", 1)[-1])
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -394,8 +394,8 @@ def export_lora_to_peft(backbone, directory, base_model_name_or_path=None):
         "r": rank,
         "lora_alpha": alpha,
         "target_modules": sorted(modules),
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": {m: scale * r for m, r in rank_pattern.items()},
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

@@ -7,8 +7,7 @@ config (6 layers, hidden 512): 23.6 ms per step through Keras, of which the
 matrix products are 7.5 ms; this module runs the same step in ~8 ms.
 It also picks the fast CPU kernels: `aten._weight_int8pack_mm` for int8
 weights and `F.linear` for bfloat16, both of which want `[out, in]`
-storage: the feed-forward kernels are stored so, and the attention kernels
-get it by re-laying out the Keras variables' own storage.
+storage, the layout every Gemma kernel is stored in (see `GemmaAttention`).
 
 It computes exactly what `GemmaBackbone.compute_hidden_states` plus
 `GemmaCausalLM.compute_logits` compute (same dtypes, same float32 islands;
@@ -19,9 +18,6 @@ casts them to the compute dtype once, as Keras's autocast does per layer
 call), so the Keras model stays the one source of truth.
 """
 
-import math
-
-import keras
 import torch
 import torch.nn.functional as F
 
@@ -32,58 +28,6 @@ from keras_gemma.layers.rotary_embedding import inverse_frequencies
 
 def _value(variable):
     return variable.value
-
-
-def _rows_first_views(shape, heads):
-    """`(out, in)` and the maps between a Keras kernel and its `[out, in]` form."""
-    if heads == "out":  # [n, d, h] <-> [n * h, d]
-        n, d, h = shape
-        to_rows = lambda k: k.permute(0, 2, 1)
-        to_keras = lambda w: w.view(n, h, d).permute(0, 2, 1)
-        return (n * h, d), to_rows, to_keras
-    if heads == "in":  # [n, h, d] <-> [d, n * h]
-        out_dim, in_dim = shape[-1], math.prod(shape[:-1])
-        to_rows = lambda k: k.reshape(in_dim, out_dim).t()
-        to_keras = lambda w: w.t().reshape(shape)
-        return (out_dim, in_dim), to_rows, to_keras
-    same = lambda k: k  # already [out, in]
-    return tuple(shape), same, same
-
-
-def _rows_first(variable, heads):
-    """The kernel as an `[out, in]`-contiguous matrix, sharing Keras's storage.
-
-    The first call re-lays the storage out; the Keras variable keeps its
-    shape and values as a view of it, so the model still holds one copy of
-    its weights. `use_keras_layout` turns it back before a Keras forward.
-    """
-    kernel = variable.value
-    (out_dim, in_dim), to_rows, to_keras = _rows_first_views(tuple(kernel.shape), heads)
-    rows = to_rows(kernel)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
-        kernel.data = to_keras(rows)
-    return rows.view(out_dim, in_dim)
-
-
-def use_keras_layout(backbone):
-    """Restores contiguous Keras-layout kernels after decoding re-laid them.
-
-    The Keras forward pass calls this on torch: `torch.einsum` on a
-    transposed bfloat16 view runs ~40x slower than on contiguous storage.
-    """
-    if torch.compiler.is_compiling():
-        return  # `GemmaCausalLM.fit`/`evaluate` restored it eagerly before compiling.
-    for layer in quantizable_layers(backbone)[1:]:  # the projections
-        kernel = getattr(layer, "_kernel", None)  # GPTQ/AWQ layers have none
-        # Only kernels stored in the compute dtype or int8 are ever re-laid;
-        # reading any other under mixed precision would cast a copy.
-        if kernel is None:
-            continue
-        if keras.backend.standardize_dtype(kernel.dtype) not in ("int8", layer.compute_dtype):
-            continue
-        if not kernel.value.is_contiguous():
-            kernel.value.data = kernel.value.contiguous()
 
 
 def _linear(x, weight):
@@ -130,76 +74,40 @@ def _int8_linear(x, kernel, scale):
 class _Projection:
     """One `EinsumDense` as a function of `[rows, in]` inputs -> `[rows, out]`.
 
-    Kernels are `[out, in]` (feed-forward: `heads=None`), `[heads, in,
-    head_dim]` (query/key/value: `heads="out"`) or `[heads, head_dim, out]`
-    (attention output: `heads="in"`). Where it is faster the attention
-    kernels are used `[out, in]` too: int8 (the CPU kernel requires it) and
-    bfloat16/float16 on CPU (oneDNN reads `[out, in]` at ~31 GB/s against
-    ~13 GB/s for `[in, out]`, measured with a 2048x16384 matrix here).
+    Every kernel is `[out..., in]`, so its `[out, in]` matrix is a view of
+    the Keras variable's storage.
     """
 
-    def __init__(self, layer, heads, dtype):
-        self.heads = heads
-        self.dtype = dtype
+    def __init__(self, layer, dtype):
         self.quantized = layer.quantization_mode == "int8"
         if layer.quantization_mode not in (None, "int8"):
             raise NotImplementedError(
                 f"Decoding with {layer.quantization_mode!r} weights on torch is not supported."
             )
-        kernel = layer._kernel
-        self.rows_first = (
-            heads is None
-            or self.quantized
-            or (
-                kernel.value.device.type == "cpu"
-                and kernel.value.dtype == dtype
-                and dtype in (torch.bfloat16, torch.float16)
-            )
-        )
-        if self.rows_first:
-            self.kernel = _rows_first(kernel, heads)
-            if not self.quantized:  # a cast copy only under mixed precision
-                self.kernel = self.kernel.to(dtype)
-        else:
-            self.kernel = self._as_matrix(_value(kernel))
+        kernel = _value(layer._kernel)
+        self.kernel = kernel.reshape(-1, kernel.shape[-1])
         if self.quantized:
             # Keras stores the scale `s` of `q = w * s`; the kernel wants w = q / s.
             self.scale = (1.0 / _value(layer.kernel_scale).reshape(-1)).to(dtype)
+        else:  # a cast copy only under mixed precision
+            self.kernel = self.kernel.to(dtype)
         self.lora = None
         if layer.lora_enabled:
             scale = layer.lora_alpha / layer.lora_rank
             a, b = _value(layer.lora_kernel_a).to(dtype), _value(layer.lora_kernel_b).to(dtype)
-            if heads is None:  # the update `a @ b` is `[out, in]`: x @ b.T @ a.T
-                self.lora = (b.t(), a.t() * scale)
-            else:
-                self.lora = (self._as_matrix(a), b * scale)
-
-    def _as_matrix(self, kernel):
-        kernel = kernel.to(self.dtype)
-        if self.heads == "in":  # [n, h, d] -> [n * h, d], a free view
-            return kernel.reshape(-1, kernel.shape[-1])
-        return kernel  # [n, in, h], used per head
+            # The update `a @ b` is `[out..., in]`: x @ b.T @ a.T.
+            self.lora = (b.t(), a.reshape(-1, a.shape[-1]).t() * scale)
 
     def __call__(self, x):
-        rows = x.shape[0]
-        if self.heads == "in":
-            x = x.reshape(rows, -1)
         if self.quantized and x.device.type == "cpu":
             y = _int8_linear(x, self.kernel, self.scale)
         elif self.quantized:
             y = F.linear(x, self.kernel.to(x.dtype)) * self.scale
-        elif self.rows_first:
-            y = _linear(x, self.kernel)
         else:
-            y = torch.matmul(x, self.kernel)  # per head: [n, rows, h]
-            if self.heads == "out":
-                y = y.transpose(0, 1).reshape(rows, -1)
+            y = _linear(x, self.kernel)
         if self.lora is not None:
-            a, b = self.lora
-            lora = torch.matmul(torch.matmul(x, a), b)
-            if self.heads == "out":
-                lora = lora.transpose(0, 1).reshape(rows, -1)
-            y = y + lora
+            b, a = self.lora
+            y = y + torch.matmul(torch.matmul(x, b), a)
         return y
 
 
@@ -209,13 +117,13 @@ class _Block:
         self.eps = block.layer_norm_epsilon
         self.attention_norm = _norm_scale(block.pre_attention_norm, dtype)
         self.ffw_norm = _norm_scale(block.pre_ffw_norm, dtype)
-        self.query = _Projection(attention.query_dense, "out", dtype)
-        self.key = _Projection(attention.key_dense, "out", dtype)
-        self.value = _Projection(attention.value_dense, "out", dtype)
-        self.output = _Projection(attention.output_dense, "in", dtype)
-        self.gate = _Projection(ffw.ffw_gating, None, dtype)
-        self.up = _Projection(ffw.ffw_gating_2, None, dtype)
-        self.down = _Projection(ffw.ffw_linear, None, dtype)
+        self.query = _Projection(attention.query_dense, dtype)
+        self.key = _Projection(attention.key_dense, dtype)
+        self.value = _Projection(attention.value_dense, dtype)
+        self.output = _Projection(attention.output_dense, dtype)
+        self.gate = _Projection(ffw.ffw_gating, dtype)
+        self.up = _Projection(ffw.ffw_gating_2, dtype)
+        self.down = _Projection(ffw.ffw_linear, dtype)
 
 
 def _norm_scale(norm, dtype):

@@ -19,37 +19,48 @@ def keras_hub_path(path):
     return path.replace("/feed_forward/", "/")
 
 
-def _transposed_in_keras_hub(path):
-    # keras-hub stores feed-forward kernels `[in, out]`; we store them
-    # `[out, in]` (see `GemmaFeedForward`). Nothing else differs.
-    return path.endswith("/kernel") and "/feed_forward/" in path
+def _contiguous(function):
+    return lambda x: np.ascontiguousarray(function(x))
 
 
-def keras_hub_shape(path, shape):
-    """The shape keras-hub stores our variable `path` of `shape` in."""
-    return tuple(reversed(shape)) if _transposed_in_keras_hub(path) else tuple(shape)
+def keras_hub_tensors(config, quantization_mode=None):
+    """Maps our variable paths to keras-hub `GemmaBackbone` variables.
 
+    Returns `{our_path: (keras_hub_path, to_keras_hub, from_keras_hub)}`
+    for every weight in `config.weight_shapes(quantization_mode)`. keras-hub
+    stores kernels `[in, out]`: query/key/value `[heads, hidden, head_dim]`,
+    output `[heads, head_dim, hidden]`, feed-forward `[in, out]`; ours are
+    `[out, in]` (see `GemmaAttention`). int8 scales are alike.
 
-def keras_hub_array(path, array):
-    """Our NumPy array for variable `path` in keras-hub's layout, or
-    keras-hub's in ours: the same map both ways (a transpose or nothing).
-
-    >>> keras_hub_array("decoder_block_0/feed_forward/ffw_linear/kernel",
-    ...     np.zeros((8, 32))).shape
-    (32, 8)
+    >>> from keras_gemma import GemmaConfig
+    >>> config = GemmaConfig(vocabulary_size=64, num_layers=1, num_query_heads=2,
+    ...     num_key_value_heads=1, hidden_dim=8, intermediate_dim=32, head_dim=4)
+    >>> path = "decoder_block_0/attention/attention_output/kernel"
+    >>> keras_hub_tensors(config)[path][1](np.zeros((8, 8))).shape
+    (2, 4, 8)
     """
-    if _transposed_in_keras_hub(path):
-        return np.ascontiguousarray(np.transpose(array))
-    return array
+    n, h, d = config.num_query_heads, config.head_dim, config.hidden_dim
+    swap = _contiguous(lambda x: np.swapaxes(x, -1, -2))  # its own inverse
+    to_heads_first = _contiguous(lambda x: np.reshape(np.transpose(x), (n, h, d)))
+    from_heads_first = _contiguous(lambda x: np.transpose(np.reshape(x, (n * h, d))))
+    tensors = {}
+    for path in config.weight_shapes(quantization_mode):
+        to_theirs = from_theirs = lambda x: x
+        if path.endswith("/attention_output/kernel"):
+            to_theirs, from_theirs = to_heads_first, from_heads_first
+        elif path.endswith("/kernel"):
+            to_theirs = from_theirs = swap
+        tensors[path] = (keras_hub_path(path), to_theirs, from_theirs)
+    return tensors
 
 
 def assign_to_keras_hub(backbone, keras_hub_backbone):
     """Copies our backbone's weights into a keras-hub `GemmaBackbone` of the
     same config, one tensor on the host at a time."""
     theirs = {v.path: v for v in keras_hub_backbone.weights}
-    for variable in backbone.weights:
-        array = keras_hub_array(variable.path, np.asarray(variable.numpy()))
-        theirs[keras_hub_path(variable.path)].assign(array)
+    ours = {v.path: v for v in backbone.weights}
+    for path, (their_path, to_theirs, _) in keras_hub_tensors(backbone.config).items():
+        theirs[their_path].assign(to_theirs(np.asarray(ours[path].numpy())))
 
 
 def huggingface_tensors(config):
@@ -69,15 +80,12 @@ def huggingface_tensors(config):
     def same(x):
         return x
 
-    def heads_in(heads):
-        # ours [heads, d, h] <-> theirs [heads * h, d]
-        to_hf = lambda x: np.transpose(x, (0, 2, 1)).reshape(heads * h, d)
-        from_hf = lambda x: np.transpose(np.reshape(x, (heads, h, d)), (0, 2, 1))
-        return to_hf, from_hf
+    def heads_merged(x):
+        # ours [heads, h, d] -> theirs [heads * h, d]
+        return np.reshape(x, (-1, d))
 
-    def heads_out(x):
-        # ours [n, h, d] <-> theirs [d, n * h]
-        return np.reshape(x, (n * h, d)).T
+    def heads_split(heads):
+        return lambda x: np.reshape(x, (heads, h, d))
 
     tensors = {
         "token_embedding/embeddings": ("model.embed_tokens.weight", same, same),
@@ -94,20 +102,23 @@ def huggingface_tensors(config):
                 ),
                 f"{ours}/attention/query/kernel": (
                     f"{theirs}.self_attn.q_proj.weight",
-                    *heads_in(n),
+                    heads_merged,
+                    heads_split(n),
                 ),
                 f"{ours}/attention/key/kernel": (
                     f"{theirs}.self_attn.k_proj.weight",
-                    *heads_in(kv),
+                    heads_merged,
+                    heads_split(kv),
                 ),
                 f"{ours}/attention/value/kernel": (
                     f"{theirs}.self_attn.v_proj.weight",
-                    *heads_in(kv),
+                    heads_merged,
+                    heads_split(kv),
                 ),
                 f"{ours}/attention/attention_output/kernel": (
                     f"{theirs}.self_attn.o_proj.weight",
-                    heads_out,
-                    lambda x: np.reshape(np.transpose(x), (n, h, d)),
+                    same,
+                    same,
                 ),
                 f"{ours}/pre_ffw_norm/scale": (
                     f"{theirs}.post_attention_layernorm.weight",

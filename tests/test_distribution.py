@@ -63,14 +63,14 @@ def test_layout_only_shards_divisible_axes(config_name, mesh_shape):
 
 def test_multi_query_key_value_shard_along_hidden_not_heads():
     layout_map = GemmaBackbone.get_layout_map(_mesh((1, 8)), config=GEMMA_2B)
-    for name in ("key", "value"):  # [1, 2048, 256]: the head axis has size 1
-        assert layout_map[f"decoder_block_5/attention/{name}/kernel"].axes == (None, "model", None)
+    for name in ("key", "value"):  # [1, 256, 2048]: the head axis has size 1
+        assert layout_map[f"decoder_block_5/attention/{name}/kernel"].axes == (None, None, "model")
     assert layout_map["decoder_block_5/attention/query/kernel"].axes == ("model", None, None)
     mha = GemmaBackbone.get_layout_map(_mesh((2, 4)), config=GEMMA_7B)
     assert mha["decoder_block_0/attention/key/kernel"].axes == ("model", None, None)
     # 4 query heads cannot split 8 ways: the tiny model shards hidden instead.
     tiny = GemmaBackbone.get_layout_map(_mesh((1, 8)), config=_tiny_config("mha"))
-    assert tiny["decoder_block_0/attention/query/kernel"].axes == (None, "model", None)
+    assert tiny["decoder_block_0/attention/query/kernel"].axes == (None, None, "model")
 
 
 def test_layout_errors_are_clear():

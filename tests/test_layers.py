@@ -63,9 +63,10 @@ def test_attention_matches_numpy_reference_with_groups():
     out = to_numpy(layer(x, padding_mask=padding))
 
     rope = RotaryEmbedding()
-    q = to_numpy(rope(np.einsum("btd,ndh->btnh", x, to_numpy(layer.query_dense.kernel))))
-    k = to_numpy(rope(np.einsum("btd,kdh->btkh", x, to_numpy(layer.key_dense.kernel))))
-    v = np.einsum("btd,kdh->btkh", x, to_numpy(layer.value_dense.kernel))
+    # Kernels `[out, in]`: query/key/value `[heads, h, d]`, output `[d, n * h]`.
+    q = to_numpy(rope(np.einsum("btd,nhd->btnh", x, to_numpy(layer.query_dense.kernel))))
+    k = to_numpy(rope(np.einsum("btd,khd->btkh", x, to_numpy(layer.key_dense.kernel))))
+    v = np.einsum("btd,khd->btkh", x, to_numpy(layer.value_dense.kernel))
     expected = np.zeros((2, t, n, h), "float32")
     for b in range(2):
         for head in range(n):
@@ -76,7 +77,8 @@ def test_attention_matches_numpy_reference_with_groups():
             p = np.exp(logits - logits.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
             expected[b, :, head] = p @ v[b, :, g]
-    expected = np.einsum("btnh,nhd->btd", expected, to_numpy(layer.output_dense.kernel))
+    output_kernel = to_numpy(layer.output_dense.kernel).reshape(d, n, h)
+    expected = np.einsum("btnh,dnh->btd", expected, output_kernel)
     # Padded query rows are irrelevant; compare the real ones.
     np.testing.assert_allclose(out[0], expected[0], atol=1e-5)
     np.testing.assert_allclose(out[1, :3], expected[1, :3], atol=1e-5)
@@ -133,7 +135,7 @@ def test_attention_rejects_ungroupable_heads():
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("rows", [(2, 5), (1, 1)])
 @pytest.mark.parametrize(
-    "equation, output_shape", [("btd,ndh->btnh", (None, 3, 8)), ("btd,fd->btf", (None, 24))]
+    "equation, output_shape", [("btd,nhd->btnh", (None, 3, 8)), ("btd,fd->btf", (None, 24))]
 )
 def test_projection_products_equal_float64_within_bfloat16_rounding(
     dtype, lora, rows, equation, output_shape

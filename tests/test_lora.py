@@ -39,19 +39,19 @@ def test_trainable_count_is_exactly_the_adapters():
     # Tiny MQA: hidden 32, 4 query heads, 1 kv head, head_dim 8, GeGLU 2x32, 2 layers.
     backbone = make_backbone("mqa")
     backbone.enable_lora(2)
-    # query a [4, 32, 2] + b [2, 8] = 272; value a [1, 32, 2] + b [2, 8] = 80.
-    assert _count(backbone.trainable_weights) == 2 * (272 + 80)
+    # query a [4, 8, 2] + b [2, 32] = 128; value a [1, 8, 2] + b [2, 32] = 80.
+    assert _count(backbone.trainable_weights) == 2 * (128 + 80)
     assert all("lora_kernel" in v.path for v in backbone.trainable_weights)
     assert _count(backbone.trainable_weights) == lora.lora_parameter_count(backbone.config, 2)
 
     backbone = make_backbone("mqa")
     backbone.enable_lora(2, target_layer_names=ALL_TARGETS, lora_alpha=8)
-    # + key 80, attention_output a [4, 8, 2] + b [2, 32] = 128, and three
+    # + key 80, attention_output a [32, 2] + b [2, 32] = 128, and three
     # 32x32 feed-forward kernels at 2 * 32 + 2 * 32 = 128 each.
-    assert _count(backbone.trainable_weights) == 2 * (272 + 80 + 80 + 128 + 3 * 128)
+    assert _count(backbone.trainable_weights) == 2 * (128 + 80 + 80 + 128 + 3 * 128)
     assert lora.lora_state(backbone) == (2, 8.0, tuple(ALL_TARGETS))
     # The causal LM sees the same trainable set.
-    assert _count(GemmaCausalLM(backbone).trainable_weights) == 1888
+    assert _count(GemmaCausalLM(backbone).trainable_weights) == 1600
 
 
 def test_enable_lora_errors():
@@ -121,37 +121,61 @@ def test_load_mismatches_are_clear_errors(tmp_path):
         make_backbone("mqa").load_lora_weights(tmp_path / "other.safetensors")
 
 
-def test_version_1_files_with_in_out_feed_forward_adapters_still_load(tmp_path):
-    """Version 1 files stored feed-forward adapters for `[in, out]` kernels:
-    `a1 [in, r] @ b1 [r, out]`, the transpose of today's `[out, in]` update."""
+def test_older_format_versions_load_as_the_same_updates(tmp_path):
+    """Versions 1 and 2 stored adapters for `[in, out]`-like kernels: the
+    feed-forward's (version 1: `a1 [in, r] @ b1 [r, out]`) and the attention
+    output's (`a [heads, head_dim, r] @ b [r, hidden]`) are the transposes of
+    today's updates; per-head query/key/value adapters cannot load."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file
     from safetensors.numpy import save_file
 
+    targets = ["attention_output", "ffw_gating", "ffw_linear"]
     backbone = make_backbone("mha", intermediate_dim=48)  # non-square kernels
-    backbone.enable_lora(3, target_layer_names=["query", "ffw_gating", "ffw_linear"])
+    backbone.enable_lora(3, target_layer_names=targets)
     _randomize_adapters(backbone, seed=5)
     expected = _logits(backbone)
-    path = tmp_path / "v2.safetensors"
+    path = tmp_path / "v3.safetensors"
     backbone.save_lora_weights(path)
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="numpy") as reader:
         metadata = reader.metadata()
-    assert metadata["format_version"] == "2"
+    assert metadata["format_version"] == "3"
     tensors = load_file(str(path))
-    old = dict(tensors)
+    config = backbone.config
+    heads, head_dim = config.num_query_heads, config.head_dim
+    old = {1: dict(tensors), 2: dict(tensors)}
     for name in tensors:
-        if "/feed_forward/" in name and name.endswith("/lora_kernel_a"):
-            b_name = name.replace("lora_kernel_a", "lora_kernel_b")
-            a, b = tensors[name], tensors[b_name]
-            old[name], old[b_name] = np.ascontiguousarray(b.T), np.ascontiguousarray(a.T)
-            assert old[name].shape[0] != a.shape[0]  # the layouts really differ
-    save_file(old, str(tmp_path / "v1.safetensors"), {**metadata, "format_version": "1"})
-    fresh = make_backbone("mha", intermediate_dim=48)
-    fresh.load_lora_weights(tmp_path / "v1.safetensors")
-    np.testing.assert_array_equal(_logits(fresh), expected)
+        if not name.endswith("/lora_kernel_a"):
+            continue
+        b_name = name.replace("lora_kernel_a", "lora_kernel_b")
+        a, b = tensors[name], tensors[b_name]
+        if "/attention_output/" in name:
+            for version in (1, 2):
+                old[version][name] = np.ascontiguousarray(b.T.reshape(heads, head_dim, -1))
+                old[version][b_name] = np.ascontiguousarray(a.T)
+        else:
+            old[1][name], old[1][b_name] = np.ascontiguousarray(b.T), np.ascontiguousarray(a.T)
+            assert old[1][name].shape[0] != a.shape[0]  # the layouts really differ
+    for version in (1, 2):
+        file = tmp_path / f"v{version}.safetensors"
+        save_file(old[version], str(file), {**metadata, "format_version": str(version)})
+        fresh = make_backbone("mha", intermediate_dim=48)
+        fresh.load_lora_weights(file)
+        np.testing.assert_allclose(_logits(fresh), expected, rtol=1e-5, atol=1e-5)
 
-    save_file(old, str(tmp_path / "v9.safetensors"), {**metadata, "format_version": "9"})
+    query = make_backbone("mha", intermediate_dim=48)
+    query.enable_lora(3, target_layer_names=["query"])
+    query.save_lora_weights(tmp_path / "query.safetensors")
+    per_head = {
+        name: np.zeros((heads, config.hidden_dim, 3) if name.endswith("_a") else (3, head_dim))
+        for name in load_file(str(tmp_path / "query.safetensors"))
+    }
+    query_metadata = {**metadata, "target_layer_names": '["query"]', "format_version": "2"}
+    save_file(per_head, str(tmp_path / "v2_query.safetensors"), query_metadata)
+    with pytest.raises(ValueError, match="query adapters in .*version 2.*merge_lora"):
+        make_backbone("mha").load_lora_weights(tmp_path / "v2_query.safetensors")
+
+    save_file(old[2], str(tmp_path / "v9.safetensors"), {**metadata, "format_version": "9"})
     with pytest.raises(ValueError, match="format version '9'.*Upgrade keras_gemma"):
         make_backbone("mha", intermediate_dim=48).load_lora_weights(tmp_path / "v9.safetensors")
 
@@ -272,6 +296,28 @@ def test_lora_on_int8_base_trains(tmp_path):
     _quantize_for_lora(fresh)
     fresh.load_lora_weights(tmp_path / "q.safetensors")
     np.testing.assert_array_equal(_logits(fresh), _logits(backbone))
+
+
+def test_lora_on_int8_base_equals_the_dequantized_kernels_plus_the_update():
+    # Keras's quantized call assumes a kernel's last axis is an output axis;
+    # ours is the input axis (`[out..., in]`), so `project` computes the update.
+    backbone = make_backbone("gqa")
+    backbone.quantize("int8", filters=_projections)
+    backbone.enable_lora(2, target_layer_names=ALL_TARGETS, lora_alpha=6)
+    _randomize_adapters(backbone, seed=3)
+    reference = make_backbone("gqa")
+    ours = {v.path: v for v in backbone.weights}
+    for variable in reference.weights:
+        layer = variable.path.rsplit("/", 1)[0]
+        if not variable.path.endswith("/kernel"):
+            variable.assign(to_numpy(ours[variable.path]))
+            continue
+        kernel = to_numpy(ours[variable.path]).astype("float64")
+        scale = to_numpy(ours[f"{layer}/kernel_scale"]).reshape(*kernel.shape[:-1], 1)
+        a, b = to_numpy(ours[f"{layer}/lora_kernel_a"]), to_numpy(ours[f"{layer}/lora_kernel_b"])
+        variable.assign(kernel / scale + 3.0 * np.matmul(a, b))
+    expected = _logits(reference)
+    np.testing.assert_allclose(_logits(backbone), expected, atol=1e-4 * np.abs(expected).max())
 
 
 @pytest.mark.skipif(keras.config.backend() != "torch", reason="a torch-only Keras limitation")

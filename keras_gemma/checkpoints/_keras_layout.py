@@ -26,9 +26,8 @@ from keras_gemma.checkpoints._io import check_shape
 from keras_gemma.checkpoints._io import read_json
 from keras_gemma.checkpoints._io import write_json
 from keras_gemma.config import GemmaConfig
-from keras_gemma.weight_names import keras_hub_array
 from keras_gemma.weight_names import keras_hub_path
-from keras_gemma.weight_names import keras_hub_shape
+from keras_gemma.weight_names import keras_hub_tensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -199,12 +198,17 @@ def weight_loaders(directory, config, quantization_mode=None):
     weights = _H5Weights(directory)
     try:
         loaders = {}
-        for path, shape in config.weight_shapes(quantization_mode).items():
+        shapes = config.weight_shapes(quantization_mode)
+        for path, (_, to_theirs, from_theirs) in keras_hub_tensors(
+            config, quantization_mode
+        ).items():
             key = h5_dataset(path)
             dataset = weights.dataset(key)
-            check_shape(path, keras_hub_shape(path, shape), dataset.shape, f"{directory} ({key})")
-            loaders[path] = lambda dataset=dataset, key=key, path=path: keras_hub_array(
-                path, _read_dataset(dataset, key)
+            # The shape the dataset must have, derived without data.
+            their_shape = to_theirs(np.empty(shapes[path], np.int8)).shape
+            check_shape(path, their_shape, dataset.shape, f"{directory} ({key})")
+            loaders[path] = lambda dataset=dataset, key=key, convert=from_theirs: convert(
+                _read_dataset(dataset, key)
             )
     except BaseException:
         weights.close()
@@ -324,15 +328,15 @@ def write_backbone(directory, backbone):
             file.create_group(f"{block}/attention/vars").attrs["name"] = "attention"
             for group, attr in _EMPTY_BLOCK_GROUPS.items():
                 file.create_group(f"{block}/{group}/vars").attrs["name"] = attr
-        for path in backbone.config.weight_shapes(quantization_mode):
+        for path, (_, to_theirs, _) in keras_hub_tensors(
+            backbone.config, quantization_mode
+        ).items():
             key = h5_dataset(path)
             group_name, index = key.rsplit("/", 1)
             group = file.require_group(group_name)
             group.attrs["name"] = keras_hub_path(path).rsplit("/", 2)[-2]
             # One tensor on the host at a time.
-            array = keras_hub_array(
-                path, np.asarray(keras.ops.convert_to_numpy(variables[path].value))
-            )
+            array = to_theirs(np.asarray(keras.ops.convert_to_numpy(variables[path].value)))
             dataset = group.create_dataset(index, data=array)
             if array.dtype == ml_dtypes.bfloat16:
                 dataset.attrs["dtype"] = "bfloat16"

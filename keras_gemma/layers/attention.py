@@ -1,8 +1,6 @@
 import keras
 from keras import ops
 
-from keras_gemma import _backend
-from keras_gemma.layers.projection import as_two_rows_if_one
 from keras_gemma.layers.projection import project
 from keras_gemma.layers.projection import projection
 from keras_gemma.layers.rotary_embedding import RotaryEmbedding
@@ -30,55 +28,6 @@ def attention_mask(query_length, key_length, start_index=0, padding_mask=None):
     return mask
 
 
-# XLA on CPU runs each product on operands laid out as `[rows, contracted]`
-# and copies an operand that is not. The two helpers below keep the `[n, d, h]`
-# and `[n, h, d]` kernels as stored; with the plain `EinsumDense` equations,
-# each decode step copied every query and output kernel (loop-invariant, but
-# not hoisted out of the `while` loop): 12 MB of copies per token on the small
-# benchmark config, ~15% of single-threaded decode time. They serve decode
-# steps only (training and prefill keep the layer calls: the copy is
-# amortized over the positions there, and broadcasting `x` over heads would
-# cost memory and time).
-# Quantized layers keep their own call (their kernels are int8 plus scales).
-
-
-def _single_rows_as_two(product, x):
-    """`product(x)` for a decode step's `x` (`[batch, 1, ...]`).
-
-    TensorFlow's XLA CPU compiler strips a one-row product down to a
-    vector-matrix dot, fuses the kernel's reshape into it and emits that as a
-    plain loop: 2.8 GB/s against 20-30 GB/s for its matrix kernel (twelve
-    512x512 output kernels in a `while` loop, measured here).
-    """
-    return as_two_rows_if_one(product, x, _backend.strips_single_row_products(x.dtype))
-
-
-def _project_to_heads(layer, x):
-    """`layer(x)` for a `"btd,ndh->btnh"` projection, batched over heads."""
-    if layer.quantization_mode is not None:
-        return layer(x)
-    if layer.kernel.shape[0] == 1:
-        return _single_rows_as_two(lambda x: project(layer, x), x)  # one head: no copy
-    kernel = layer.kernel  # LoRA-merged when LoRA is enabled, as `layer(x)` uses
-    x = ops.broadcast_to(x[None], (kernel.shape[0], *ops.shape(x)))  # [n, b, t, d]
-    return ops.transpose(ops.einsum("nbtd,ndh->nbth", x, kernel), (1, 2, 0, 3))
-
-
-def _project_from_heads(layer, x):
-    """`layer(x)` for the `"btnh,nhd->btd"` output projection, as one matmul.
-
-    (`jnp.einsum` contracts `(h, n)` in that order, so XLA copied the kernel
-    into `[h, n, d]` order.)
-    """
-    if layer.quantization_mode is not None:
-        return layer(x)
-    kernel = layer.kernel
-    heads, head_dim, hidden_dim = kernel.shape
-    x = ops.reshape(x, (ops.shape(x)[0], ops.shape(x)[1], heads * head_dim))
-    kernel = ops.reshape(kernel, (heads * head_dim, hidden_dim))
-    return _single_rows_as_two(lambda x: ops.matmul(x, kernel), x)
-
-
 @keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaAttention(keras.layers.Layer):
     """Multi-query, grouped-query or multi-head attention with a KV cache.
@@ -92,6 +41,13 @@ class GemmaAttention(keras.layers.Layer):
     With a cache, the new keys and values are written into it at
     `cache_update_index` (`slice_update`, in place under XLA) and the queries
     attend over the whole cache, so a decode step never recomputes the prefix.
+
+    Kernels are stored `[out, in]` like the feed-forward's (see
+    `GemmaFeedForward`): query/key/value `[heads, head_dim, hidden]`, output
+    `[hidden, heads * head_dim]` (Hugging Face's layout, heads split out on
+    the query side; keras-hub's is `[heads, hidden, head_dim]` and `[heads,
+    head_dim, hidden]`, transposed by `weight_names`). LoRA then factors
+    every projection as PEFT does.
 
     Args:
         num_query_heads: number of query heads.
@@ -158,13 +114,16 @@ class GemmaAttention(keras.layers.Layer):
                 self.projection_quantization_mode,
             )
 
-        self.query_dense = dense("btd,ndh->btnh", (None, n, h), "query")
-        self.key_dense = dense("bsd,kdh->bskh", (None, kv, h), "key")
-        self.value_dense = dense("bsd,kdh->bskh", (None, kv, h), "value")
-        self.output_dense = dense("btnh,nhd->btd", (None, hidden_dim), "attention_output")
+        self.query_dense = dense("btd,nhd->btnh", (None, n, h), "query")
+        self.key_dense = dense("bsd,khd->bskh", (None, kv, h), "key")
+        self.value_dense = dense("bsd,khd->bskh", (None, kv, h), "value")
+        # `[hidden, heads * head_dim]`, not `[hidden, heads, head_dim]`: LoRA
+        # factors a kernel's last axis, and only a merged input axis gives the
+        # adapter Hugging Face PEFT's `o_proj` shape.
+        self.output_dense = dense("btm,dm->btd", (None, hidden_dim), "attention_output")
         for layer in (self.query_dense, self.key_dense, self.value_dense):
             layer.build(input_shape)
-        self.output_dense.build((None, None, n, h))
+        self.output_dense.build((None, None, n * h))
         self.rotary_embedding = RotaryEmbedding(dtype=self.dtype_policy)
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         # Weightless, but `Model.quantize` refuses models with unbuilt layers.
@@ -180,13 +139,9 @@ class GemmaAttention(keras.layers.Layer):
             cache_update_index,
             self.rotary_embedding.max_wavelength,
         )
-        # One new position per row: a decode step (prefill keeps the layer
-        # calls, which do not broadcast `x` over heads).
-        generating = cache is not None and x.shape[1] == 1
-        to_heads = _project_to_heads if generating else project
-        query = apply_rotary(to_heads(self.query_dense, x), cos, sin)
-        key = apply_rotary(to_heads(self.key_dense, x), cos, sin)
-        value = to_heads(self.value_dense, x)
+        query = apply_rotary(project(self.query_dense, x), cos, sin)
+        key = apply_rotary(project(self.key_dense, x), cos, sin)
+        value = project(self.value_dense, x)
         if cache is not None:
             key_cache, value_cache = cache
             start = [0, cache_update_index, 0, 0]
@@ -195,10 +150,7 @@ class GemmaAttention(keras.layers.Layer):
             cache = (key, value)
         mask = attention_mask(ops.shape(x)[1], ops.shape(key)[1], cache_update_index, padding_mask)
         attended = self._attend(query, key, value, mask, training)
-        if generating:
-            output = _project_from_heads(self.output_dense, attended)
-        else:
-            output = project(self.output_dense, attended)
+        output = project(self.output_dense, attended)
         return output if cache is None else (output, cache)
 
     def _attend(self, query, key, value, mask, training):
@@ -223,7 +175,7 @@ class GemmaAttention(keras.layers.Layer):
         output = ops.einsum("bkqs,bskh->bqkh", probabilities, value)  # [b, t*g, k, h]
         output = ops.reshape(output, (batch, length, groups, kv, h))
         output = ops.transpose(output, (0, 1, 3, 2, 4))  # [b, t, k, g, h]
-        return ops.reshape(output, (batch, length, self.num_query_heads, h))
+        return ops.reshape(output, (batch, length, self.num_query_heads * h))
 
     def compute_output_shape(self, input_shape):
         return input_shape

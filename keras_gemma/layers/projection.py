@@ -49,33 +49,65 @@ def projection(
 
 
 def project(layer, x):
-    """`layer(x)` for a `projection`, through `_backend.projection_einsum`
-    where the backend has a faster product than the layer's own call (the
-    same product, rounded to the compute dtype as the layer's is)."""
+    """`layer(x)` for a `projection`, through a faster product where the
+    backend has one (the same product, rounded to the compute dtype as the
+    layer's is): `_backend.projection_einsum`, and a decode step's single
+    row computed as two (see `_backend.pads_single_rows`)."""
     dtype = layer.compute_dtype
     if layer.quantization_mode is not None:
-        return layer(x)
+        return _quantized_product(layer, x)
     rows = math.prod(x.shape[:-1]) if None not in x.shape[:-1] else None
     einsum = _backend.projection_einsum(dtype, rows)
-    if einsum is None:
+    pad = rows == 1 and _backend.pads_single_rows(dtype) and _contracts_last_axis(layer)
+    if einsum is None and not pad:
         return layer(x)
+    einsum = einsum or ops.einsum
     # `layer.kernel` is the LoRA-merged kernel when LoRA is enabled, as in
     # the layer's call; the casts are the layer's autocasting.
     kernel = ops.cast(layer.kernel, dtype)
     x = ops.cast(x, dtype)
-    if rows == 1 and _backend.pads_single_rows(dtype) and _is_out_in_matrix(layer):
-        # As a 2-D product: XLA gave the `[2, 1, in]` form a transposed copy
-        # of the kernel, made once before the decode loop.
+    if pad:
+        # As a 2-D `[out, in]` product: XLA gave a `[2, 1, in]` form a
+        # transposed copy of the kernel, made once before the decode loop.
+        out_shape = kernel.shape[:-1]
+        kernel = ops.reshape(kernel, (-1, kernel.shape[-1]))
         row = ops.reshape(x, (1, -1))
         y = as_two_rows_if_one(lambda row: einsum("ri,oi->ro", row, kernel), row)
-        return ops.cast(ops.reshape(y, (*x.shape[:-1], -1)), dtype)
+        return ops.cast(ops.reshape(y, (*x.shape[:-1], *out_shape)), dtype)
     return ops.cast(einsum(layer.equation, x, kernel), dtype)
 
 
-def _is_out_in_matrix(layer):
-    """Whether the kernel is an `[out, in]` matrix (the feed-forward's)."""
+def _quantized_product(layer, x):
+    """`layer(x)` for a quantized layer, with its LoRA update computed here.
+
+    Keras's quantized call computes the update as `einsum(equation, x, a)
+    @ b`, which assumes the kernel's last axis is an output axis; ours is
+    the input axis (`[out..., in]`), which that einsum rejects. So the
+    layer's own call computes the quantized product alone and the update
+    is `einsum(x @ b.T, a)`.
+    """
+    if not layer.lora_enabled:
+        return layer(x)
+    layer.lora_enabled = False
+    try:
+        y = layer(x)
+    finally:
+        layer.lora_enabled = True
     inputs, kernel = layer.equation.split("->")[0].split(",")
-    return len(kernel) == 2 and kernel[-1] == inputs[-1]
+    output = layer.equation.split("->")[1]
+    rank_label = next(c for c in "rzyxwvu" if c not in layer.equation)
+    equation = f"{inputs[:-1]}{rank_label},{kernel[:-1]}{rank_label}->{output}"
+    a = ops.cast(layer.lora_kernel_a, layer.compute_dtype)
+    b = ops.cast(layer.lora_kernel_b, layer.compute_dtype)
+    update = ops.einsum(equation, ops.matmul(ops.cast(x, b.dtype), ops.transpose(b)), a)
+    return ops.cast(y + (layer.lora_alpha / layer.lora_rank) * update, layer.compute_dtype)
+
+
+def _contracts_last_axis(layer):
+    """Whether the kernel is `[out..., in]`: only its last axis, the
+    input's last, is contracted (every Gemma projection)."""
+    inputs, kernel = layer.equation.split("->")[0].split(",")
+    return kernel[-1] == inputs[-1] and set(kernel[:-1]).isdisjoint(inputs)
 
 
 def as_two_rows_if_one(product, x, pad=True):
