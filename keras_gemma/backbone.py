@@ -301,7 +301,7 @@ class GemmaBackbone(keras.Model):
         >>> layout_map = GemmaBackbone.get_layout_map(mesh, config=GemmaConfig(
         ...     256000, 18, 8, 1, 2048, 32768, 256))
         >>> layout_map["decoder_block_0/attention/value/kernel"].axes
-        (None, 'model', None)
+        (None, None, 'model')
         """
         return distribution.get_layout_map(
             config, device_mesh, model_parallel_dim_name, data_parallel_dim_name

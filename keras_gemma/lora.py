@@ -417,7 +417,7 @@ def lora_parameter_count(config, rank, target_layer_names=None):
     ...     num_query_heads=8, num_key_value_heads=1, hidden_dim=2048,
     ...     intermediate_dim=32768, head_dim=256)
     >>> lora_parameter_count(config, rank=4)
-    1363968
+    460800
     """
     shapes = config.weight_shapes()
     total = 0
