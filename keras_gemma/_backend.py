@@ -85,14 +85,11 @@ def pads_single_rows(compute_dtype):
     needs a float32 copy of the kernel (3.9 GB/s) and, inside a decode loop,
     keeps that copy for the whole loop: 12 2048x16384 kernels in an 8-step
     loop, 189 ms and +0 GB per step padded against 409 ms and +2.6 GB.
-    TensorFlow under XLA (where it decodes with XLA, see
-    `_xla_helps_tensorflow`): XLA's CPU compiler strips a one-row product
-    down to a vector-matrix dot emitted as a plain loop, 2.8 GB/s against
-    20-30 GB/s for its matrix kernel (twelve 512x512 kernels in a `while`
-    loop, measured here).
+    (TensorFlow's XLA once needed the same for `[heads, hidden, head_dim]`
+    kernels, whose reshape it fused into a slow one-row loop; with `[out,
+    in]` kernels one row is fastest as it is: 102 tokens/s on the small
+    benchmark config against 63 padded.)
     """
-    if keras.config.backend() == "tensorflow":
-        return _xla_helps_tensorflow(compute_dtype)
     return accumulates_in_float32(compute_dtype)
 
 

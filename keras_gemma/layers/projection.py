@@ -52,29 +52,31 @@ def project(layer, x):
     """`layer(x)` for a `projection`, through a faster product where the
     backend has one (the same product, rounded to the compute dtype as the
     layer's is): `_backend.projection_einsum`, and a decode step's single
-    row computed as two (see `_backend.pads_single_rows`)."""
+    row as a 2-D `[1, in] x [out, in]` product."""
     dtype = layer.compute_dtype
     if layer.quantization_mode is not None:
         return _quantized_product(layer, x)
     rows = math.prod(x.shape[:-1]) if None not in x.shape[:-1] else None
     einsum = _backend.projection_einsum(dtype, rows)
-    pad = rows == 1 and _backend.pads_single_rows(dtype) and _contracts_last_axis(layer)
-    if einsum is None and not pad:
+    one_row = rows == 1 and _contracts_last_axis(layer)
+    if einsum is None and not one_row:
         return layer(x)
     einsum = einsum or ops.einsum
     # `layer.kernel` is the LoRA-merged kernel when LoRA is enabled, as in
     # the layer's call; the casts are the layer's autocasting.
     kernel = ops.cast(layer.kernel, dtype)
     x = ops.cast(x, dtype)
-    if pad:
-        # As a 2-D `[out, in]` product: XLA gave a `[2, 1, in]` form a
-        # transposed copy of the kernel, made once before the decode loop.
-        out_shape = kernel.shape[:-1]
-        kernel = ops.reshape(kernel, (-1, kernel.shape[-1]))
-        row = ops.reshape(x, (1, -1))
-        y = as_two_rows_if_one(lambda row: einsum("ri,oi->ro", row, kernel), row)
-        return ops.cast(ops.reshape(y, (*x.shape[:-1], *out_shape)), dtype)
-    return ops.cast(einsum(layer.equation, x, kernel), dtype)
+    if not one_row:
+        return ops.cast(einsum(layer.equation, x, kernel), dtype)
+    # 2-D: XLA decoded the small benchmark config ~10% slower with the
+    # 3-D query/key/value products (float32), and gave a padded `[2, 1,
+    # in]` row a transposed copy of the kernel, made before the decode loop.
+    out_shape = kernel.shape[:-1]
+    kernel = ops.reshape(kernel, (-1, kernel.shape[-1]))
+    row = ops.reshape(x, (1, -1))
+    pad = _backend.pads_single_rows(dtype)
+    y = as_two_rows_if_one(lambda row: einsum("ri,oi->ro", row, kernel), row, pad)
+    return ops.cast(ops.reshape(y, (*x.shape[:-1], *out_shape)), dtype)
 
 
 def _quantized_product(layer, x):
