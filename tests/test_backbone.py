@@ -76,3 +76,30 @@ def test_bfloat16_backbone_runs_in_bfloat16():
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="multiple of"):
         GemmaBackbone(100, 1, 3, 2, 16, 32, 8)
+
+
+@pytest.mark.skipif(keras.config.backend() == "tensorflow", reason="about the other backends")
+def test_building_and_generating_never_import_tensorflow():
+    # Keras's `serialize` imports TensorFlow where it is installed (as it is
+    # here): +0.5 GB resident on a JAX or PyTorch user's process. A fresh
+    # process, since the suite itself imports TensorFlow through keras-hub.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np\n"
+        "from keras_gemma import GemmaBackbone, GemmaCausalLM\n"
+        "lm = GemmaCausalLM(GemmaBackbone(vocabulary_size=64, num_layers=1, num_query_heads=2,"
+        " num_key_value_heads=1, hidden_dim=8, intermediate_dim=16, head_dim=4))\n"
+        "lm.generate({'token_ids': np.array([[2, 5, 0]]), 'padding_mask': np.array([[1, 1, 0]])},"
+        " stop_token_ids=None)\n"
+        "lm.quantize('int8')\n"
+        "print('tensorflow' in sys.modules)\n"
+    )
+    environment = {**os.environ, "KERAS_BACKEND": keras.config.backend()}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"
