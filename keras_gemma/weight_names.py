@@ -19,10 +19,6 @@ def keras_hub_path(path):
     return path.replace("/feed_forward/", "/")
 
 
-def _contiguous(function):
-    return lambda x: np.ascontiguousarray(function(x))
-
-
 def keras_hub_tensors(config, quantization_mode=None):
     """Maps our variable paths to keras-hub `GemmaBackbone` variables.
 
@@ -30,7 +26,8 @@ def keras_hub_tensors(config, quantization_mode=None):
     for every weight in `config.weight_shapes(quantization_mode)`. keras-hub
     stores kernels `[in, out]`: query/key/value `[heads, hidden, head_dim]`,
     output `[heads, head_dim, hidden]`, feed-forward `[in, out]`; ours are
-    `[out, in]` (see `GemmaAttention`). int8 scales are alike.
+    `[out, in]` (see `GemmaAttention`). int8 scales are alike. The maps
+    return views where they can (make them contiguous before writing).
 
     >>> from keras_gemma import GemmaConfig
     >>> config = GemmaConfig(vocabulary_size=64, num_layers=1, num_query_heads=2,
@@ -40,9 +37,9 @@ def keras_hub_tensors(config, quantization_mode=None):
     (2, 4, 8)
     """
     n, h, d = config.num_query_heads, config.head_dim, config.hidden_dim
-    swap = _contiguous(lambda x: np.swapaxes(x, -1, -2))  # its own inverse
-    to_heads_first = _contiguous(lambda x: np.reshape(np.transpose(x), (n, h, d)))
-    from_heads_first = _contiguous(lambda x: np.transpose(np.reshape(x, (n * h, d))))
+    swap = lambda x: np.swapaxes(x, -1, -2)  # its own inverse
+    to_heads_first = lambda x: np.reshape(np.transpose(x), (n, h, d))
+    from_heads_first = lambda x: np.transpose(np.reshape(x, (n * h, d)))
     tensors = {}
     for path in config.weight_shapes(quantization_mode):
         to_theirs = from_theirs = lambda x: x
@@ -60,7 +57,8 @@ def assign_to_keras_hub(backbone, keras_hub_backbone):
     theirs = {v.path: v for v in keras_hub_backbone.weights}
     ours = {v.path: v for v in backbone.weights}
     for path, (their_path, to_theirs, _) in keras_hub_tensors(backbone.config).items():
-        theirs[their_path].assign(to_theirs(np.asarray(ours[path].numpy())))
+        array = np.ascontiguousarray(to_theirs(np.asarray(ours[path].numpy())))
+        theirs[their_path].assign(array)
 
 
 def huggingface_tensors(config):

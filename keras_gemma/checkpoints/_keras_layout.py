@@ -204,11 +204,11 @@ def weight_loaders(directory, config, quantization_mode=None):
         ).items():
             key = h5_dataset(path)
             dataset = weights.dataset(key)
-            # The shape the dataset must have, derived without data.
-            their_shape = to_theirs(np.empty(shapes[path], np.int8)).shape
+            # The shape the dataset must have, from a view without data.
+            their_shape = to_theirs(np.broadcast_to(np.int8(0), shapes[path])).shape
             check_shape(path, their_shape, dataset.shape, f"{directory} ({key})")
-            loaders[path] = lambda dataset=dataset, key=key, convert=from_theirs: convert(
-                _read_dataset(dataset, key)
+            loaders[path] = lambda dataset=dataset, key=key, convert=from_theirs: (
+                np.ascontiguousarray(convert(_read_dataset(dataset, key)))
             )
     except BaseException:
         weights.close()
@@ -336,7 +336,8 @@ def write_backbone(directory, backbone):
             group = file.require_group(group_name)
             group.attrs["name"] = keras_hub_path(path).rsplit("/", 2)[-2]
             # One tensor on the host at a time.
-            array = to_theirs(np.asarray(keras.ops.convert_to_numpy(variables[path].value)))
+            array = np.asarray(keras.ops.convert_to_numpy(variables[path].value))
+            array = np.ascontiguousarray(to_theirs(array))
             dataset = group.create_dataset(index, data=array)
             if array.dtype == ml_dtypes.bfloat16:
                 dataset.attrs["dtype"] = "bfloat16"

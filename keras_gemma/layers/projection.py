@@ -92,6 +92,8 @@ def _quantized_product(layer, x):
     """
     if not layer.lora_enabled:
         return layer(x)
+    # Keras has no call for the quantized product alone: switch the layer's
+    # LoRA off around its own call (Python state, read while tracing).
     layer.lora_enabled = False
     try:
         y = layer(x)
