@@ -19,6 +19,12 @@ def keras_hub_path(path):
     return path.replace("/feed_forward/", "/")
 
 
+def mapped_shape(to_theirs, shape):
+    """The shape `to_theirs` turns an array of `shape` into, computed on a
+    view without data (the maps here only reshape and transpose)."""
+    return to_theirs(np.broadcast_to(np.int8(0), shape)).shape
+
+
 def keras_hub_tensors(config, quantization_mode=None):
     """Maps our variable paths to keras-hub `GemmaBackbone` variables.
 

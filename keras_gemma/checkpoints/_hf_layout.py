@@ -23,6 +23,7 @@ from keras_gemma.checkpoints._io import write_safetensors
 from keras_gemma.config import GemmaConfig
 from keras_gemma.weight_names import huggingface_config
 from keras_gemma.weight_names import huggingface_tensors
+from keras_gemma.weight_names import mapped_shape
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -117,7 +118,7 @@ def weight_loaders(directory, config):
         if name not in files:
             raise CheckpointError(f"Tensor {name!r} is missing from the weights in {directory}.")
         # The shape the tensor must have on disk, derived without data.
-        their_shape = to_hf(np.empty(expected_shapes[path], np.int8)).shape
+        their_shape = mapped_shape(to_hf, expected_shapes[path])
         check_shape(name, their_shape, files[name].shape(name), directory)
         loaders[path] = lambda f=files[name], n=name, convert=from_hf: convert(f.read(n))
     return loaders
@@ -139,7 +140,7 @@ def write(directory, backbone, tokenizer=None):
     shapes = config.weight_shapes()
     tensors = []
     for path, (name, to_hf, _) in huggingface_tensors(config).items():
-        shape = to_hf(np.empty(shapes[path], np.int8)).shape
+        shape = mapped_shape(to_hf, shapes[path])
 
         def get(path=path, to_hf=to_hf):
             return to_hf(np.asarray(keras.ops.convert_to_numpy(variables[path].value)))

@@ -28,6 +28,7 @@ from keras_gemma.checkpoints._io import write_json
 from keras_gemma.config import GemmaConfig
 from keras_gemma.weight_names import keras_hub_path
 from keras_gemma.weight_names import keras_hub_tensors
+from keras_gemma.weight_names import mapped_shape
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -204,8 +205,7 @@ def weight_loaders(directory, config, quantization_mode=None):
         ).items():
             key = h5_dataset(path)
             dataset = weights.dataset(key)
-            # The shape the dataset must have, from a view without data.
-            their_shape = to_theirs(np.broadcast_to(np.int8(0), shapes[path])).shape
+            their_shape = mapped_shape(to_theirs, shapes[path])
             check_shape(path, their_shape, dataset.shape, f"{directory} ({key})")
             loaders[path] = lambda dataset=dataset, key=key, convert=from_theirs: (
                 np.ascontiguousarray(convert(_read_dataset(dataset, key)))

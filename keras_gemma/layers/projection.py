@@ -99,8 +99,7 @@ def _quantized_product(layer, x):
         y = layer(x)
     finally:
         layer.lora_enabled = True
-    inputs, kernel = layer.equation.split("->")[0].split(",")
-    output = layer.equation.split("->")[1]
+    inputs, kernel, output = _equation_parts(layer)
     rank_label = next(c for c in "rzyxwvu" if c not in layer.equation)
     equation = f"{inputs[:-1]}{rank_label},{kernel[:-1]}{rank_label}->{output}"
     a = ops.cast(layer.lora_kernel_a, layer.compute_dtype)
@@ -109,10 +108,17 @@ def _quantized_product(layer, x):
     return ops.cast(y + (layer.lora_alpha / layer.lora_rank) * update, layer.compute_dtype)
 
 
+def _equation_parts(layer):
+    """`(inputs, kernel, output)` labels of the layer's einsum equation."""
+    operands, output = layer.equation.split("->")
+    inputs, kernel = operands.split(",")
+    return inputs, kernel, output
+
+
 def _contracts_last_axis(layer):
     """Whether the kernel is `[out..., in]`: only its last axis, the
     input's last, is contracted (every Gemma projection)."""
-    inputs, kernel = layer.equation.split("->")[0].split(",")
+    inputs, kernel, _ = _equation_parts(layer)
     return kernel[-1] == inputs[-1] and set(kernel[:-1]).isdisjoint(inputs)
 
 
