@@ -127,3 +127,28 @@ def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype,
             expected[: len(result)],
             atol=tolerance * np.abs(expected).max(),
         )
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype, onednn):
+    import torch
+
+    from keras_gemma import torch_decoding
+
+    if onednn and not torch_decoding._has_onednn_linear():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(torch_decoding, "_has_onednn_linear", lambda: onednn)
+    rng = np.random.default_rng(0)
+    weight = torch.from_numpy(rng.standard_normal((37, 40))).to(getattr(torch, dtype))
+    x = torch.from_numpy(rng.standard_normal((6, 3, 40))).to(getattr(torch, dtype))
+    expected = x.double().numpy() @ weight.double().numpy().T
+    tolerance = 1e-5 if dtype == "float32" else 1e-2
+    # Many rows, one row, and one row that is a strided view (a batch's last position).
+    for rows, want in (
+        (x[:, 0], expected[:, 0]),
+        (x[:1, 0], expected[:1, 0]),
+        (x[:, -1][:1], expected[:1, -1]),
+    ):
+        result = torch_decoding._linear(rows, weight).double().numpy()
+        np.testing.assert_allclose(result, want, atol=tolerance * np.abs(want).max())
