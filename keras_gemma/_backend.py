@@ -75,22 +75,31 @@ def accumulates_in_float32(compute_dtype):
     return _low_precision(compute_dtype) and jax.default_backend() == "cpu"
 
 
-def pads_single_rows(compute_dtype):
-    """Whether one row times an `[out, in]` kernel should be computed as two
-    rows (the second zero; no extra weight traffic).
+def one_row_product_in_float32(row, kernel):
+    """`row @ kernel.T` in float32, for a `[1, in]` row and a low-precision
+    `[out, in]` kernel, on JAX's CPU backend (see `accumulates_in_float32`).
 
-    JAX on CPU, low precision: XLA multiplies two or more rows by an `[out,
-    in]` bfloat16 kernel in one fused loop that reads the weights as stored
-    (8.5 GB/s, 2 rows), but one row goes to its matrix-vector kernel, which
-    needs a float32 copy of the kernel (3.9 GB/s) and, inside a decode loop,
-    keeps that copy for the whole loop: 12 2048x16384 kernels in an 8-step
-    loop, 189 ms and +0 GB per step padded against 409 ms and +2.6 GB.
-    (TensorFlow's XLA once needed the same for `[heads, hidden, head_dim]`
-    kernels, whose reshape it fused into a slow one-row loop; with `[out,
-    in]` kernels one row is fastest as it is: 102 tokens/s on the small
-    benchmark config against 63 padded.)
+    XLA's one-row product there goes to a matrix-vector kernel that needs a
+    float32 copy of the kernel (3.9 GB/s), and inside a decode loop it keeps
+    that copy for the whole loop (+2.6 GB on 2B). Two other forms read the
+    weights as stored, in one fused loop, with no copy:
+    - a multiply-reduce, parallel over output rows: for tall kernels
+      (2B 16384x2048 and 256000x2048: 9-12 GB/s against 4-7);
+    - two rows, the second zero (no extra weight traffic): for the rest
+      (2048x16384: 11 against 3; 2048x2048: 6 against 4.5).
+    Measured with throwaway jitted sums over several distinct kernels.
     """
-    return accumulates_in_float32(compute_dtype)
+    out_dim, in_dim = kernel.shape
+    if out_dim >= 4 * in_dim:
+        import jax
+
+        # Tied to the row, the kernel's conversion cannot be hoisted out of
+        # a decode loop as a float32 copy (+7 GB on 2B).
+        kernel, row = jax.lax.optimization_barrier((kernel, row))
+        products = keras.ops.cast(kernel, "float32") * keras.ops.cast(row, "float32")
+        return keras.ops.sum(products, axis=-1)[None]
+    rows = keras.ops.concatenate([row, keras.ops.zeros_like(row)], axis=0)
+    return einsum_in_float32("ri,oi->ro", rows, kernel)[:1]
 
 
 def decode_embedding_lookup(embedding, token_ids):

@@ -135,13 +135,19 @@ def test_attention_rejects_ungroupable_heads():
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("rows", [(2, 5), (1, 1)])
 @pytest.mark.parametrize(
-    "equation, output_shape", [("btd,nhd->btnh", (None, 3, 8)), ("btd,fd->btf", (None, 24))]
+    "equation, output_shape",
+    [
+        ("btd,nhd->btnh", (None, 3, 8)),
+        ("btd,fd->btf", (None, 24)),
+        ("btd,fd->btf", (None, 256)),  # tall: JAX's CPU one-row product is a multiply-reduce
+    ],
 )
 def test_projection_products_equal_float64_within_bfloat16_rounding(
     dtype, lora, rows, equation, output_shape
 ):
     # On JAX's CPU `project` asks for a float32 result (a faster kernel), and
-    # one row times an `[out, in]` kernel is computed as two; on TensorFlow
+    # one row times an `[out, in]` kernel is a multiply-reduce (tall
+    # kernels) or computed as two rows; on TensorFlow
     # without bfloat16 instructions one row goes to `tf.einsum`; elsewhere it
     # is the layer's call. Either way: the einsum of the compute-dtype
     # operands with LoRA merged (under mixed precision Keras merges in

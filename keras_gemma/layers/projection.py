@@ -71,13 +71,14 @@ def project(layer, x):
     if not one_row:
         return ops.cast(einsum(layer.equation, x, kernel), dtype)
     # 2-D: XLA decoded the small benchmark config ~10% slower with the
-    # 3-D query/key/value products (float32), and gave a padded `[2, 1,
-    # in]` row a transposed copy of the kernel, made before the decode loop.
+    # 3-D query/key/value products (float32).
     out_shape = kernel.shape[:-1]
     kernel = ops.reshape(kernel, (-1, kernel.shape[-1]))
     row = ops.reshape(x, (1, -1))
-    pad = _backend.pads_single_rows(dtype)
-    y = as_two_rows_if_one(lambda row: einsum("ri,oi->ro", row, kernel), row, pad)
+    if _backend.accumulates_in_float32(dtype):
+        y = _backend.one_row_product_in_float32(row, kernel)
+    else:
+        y = einsum("ri,oi->ro", row, kernel)
     return ops.cast(ops.reshape(y, (*x.shape[:-1], *out_shape)), dtype)
 
 
@@ -120,13 +121,3 @@ def _contracts_last_axis(layer):
     input's last, is contracted (every Gemma projection)."""
     inputs, kernel, _ = _equation_parts(layer)
     return kernel[-1] == inputs[-1] and set(kernel[:-1]).isdisjoint(inputs)
-
-
-def as_two_rows_if_one(product, x, pad=True):
-    """`product(x)`, computed on `x` and a second, zero row if `x` has one row
-    and `pad`: XLA on CPU runs some one-row products through a far slower
-    kernel than two-row ones (see the callers), and a zero row costs no extra
-    weight traffic."""
-    if x.shape[0] != 1 or not pad:
-        return product(x)
-    return product(ops.concatenate([x, ops.zeros_like(x)], axis=0))[:1]
