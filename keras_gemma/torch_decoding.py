@@ -46,31 +46,58 @@ def _has_onednn_linear():
         return False
 
 
+# Low-precision products of many rows (prefill) are far slower than float32
+# ones on CPUs without bfloat16 instructions: `F.linear` multiplies 32
+# bfloat16 rows by a 16384x2048 kernel in ~110 ms, 512 rows in ~1.8 s (~19
+# GFLOP/s). Converting the kernel to float32 a piece at a time (a 16 MB
+# buffer) and multiplying those takes ~35 ms and ~0.33 s; below ~16 rows
+# the conversion costs more than it saves. The same holds for int8 kernels.
+_FLOAT32_PIECES_MIN_ROWS = 16
+_FLOAT32_PIECE = 1 << 22  # weights per piece: 16 MB
+
+
 def _linear(x, weight):
     """`x @ weight.T` for an `[out, in]` weight; one bfloat16 row goes through
     `torch.mv`, whose kernel streams weights at ~25 GB/s here against ~20 GB/s
     for `F.linear` (measured over 30 distinct 2048x16384 matrices)."""
-    if x.dtype == torch.float32 and x.device.type == "cpu" and _has_onednn_linear():
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    if x.device.type == "cpu":
+        if x.dtype == torch.float32 and _has_onednn_linear():
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        if x.dtype != torch.float32 and x.shape[0] >= _FLOAT32_PIECES_MIN_ROWS:
+            return _linear_in_float32_pieces(x, weight)
     if x.shape[0] == 1:
         return torch.mv(weight, x[0])[None]
     return F.linear(x, weight)
 
 
+def _linear_in_float32_pieces(x, weight, scale=None):
+    """`(x @ weight.T) * scale` in float32, rounded to `x.dtype`, converting
+    `weight` (any dtype; int8 values are exact in float32) a piece at a time."""
+    out_dim, in_dim = weight.shape
+    step = max(1, _FLOAT32_PIECE // in_dim)
+    piece = torch.empty(min(step, out_dim), in_dim)
+    rows = x.float()
+    y = torch.empty(x.shape[0], out_dim)
+    for start in range(0, out_dim, step):
+        weights = piece[: min(step, out_dim - start)]
+        weights.copy_(weight[start : start + step])
+        y[:, start : start + step] = _linear(rows, weights)
+    if scale is not None:
+        y *= scale.float()
+    return y.to(x.dtype)
+
+
 # `_weight_int8pack_mm` reads int8 weights from memory at ~12 GB/s for one
 # bfloat16 row (2 cores; it is compute-bound: 6.6 GB/s on one), but its cost
 # grows with every row (2048x16384: 2.5 ms for one row, ~7 for 8, ~20 for 32)
-# and it is 10-40x slower with float32 rows. Elsewhere converting the int8
-# weights to the compute dtype in cache-sized pieces and multiplying those
-# is faster: ~15 ms for 32 bfloat16 rows, ~8 ms for 1 to 8 float32 rows
-# (weights read from memory, not cache; int8 values are exact in bfloat16).
+# and it is 10-40x slower with float32 rows. Elsewhere the float32 pieces
+# above are faster.
 _INT8PACK_MAX_ROWS = 15
-_DEQUANTIZED_PIECE = 1 << 20  # weights per piece: 2 MB in bfloat16
 
 
 def _int8_linear(x, kernel, scale):
     """`(x @ kernel.T) * scale` for int8 `kernel` `[out, in]` on CPU."""
-    out_dim, in_dim = kernel.shape
+    _, in_dim = kernel.shape
     # The kernel also reads garbage or crashes (segfault) on bfloat16 rows
     # whose length is not a multiple of 16, or that do not start on a 32-byte
     # boundary (a view into a larger tensor; copies are 64-byte aligned);
@@ -79,14 +106,7 @@ def _int8_linear(x, kernel, scale):
         if x.data_ptr() % 64:
             x = x.clone(memory_format=torch.contiguous_format)
         return torch.ops.aten._weight_int8pack_mm(x, kernel, scale)
-    step = max(1, _DEQUANTIZED_PIECE // in_dim)
-    piece = torch.empty(min(step, out_dim), in_dim, dtype=x.dtype)
-    y = torch.empty(x.shape[0], out_dim, dtype=x.dtype)
-    for start in range(0, out_dim, step):
-        rows = piece[: min(step, out_dim - start)]
-        rows.copy_(kernel[start : start + step])
-        torch.matmul(x, rows.t(), out=y[:, start : start + step])
-    return y * scale
+    return _linear_in_float32_pieces(x, kernel, scale)
 
 
 class _Projection:

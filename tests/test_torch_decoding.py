@@ -110,7 +110,7 @@ def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype,
     scale = torch.from_numpy(rng.uniform(0.01, 0.02, 37)).to(getattr(torch, dtype))
     x = torch.from_numpy(rng.standard_normal((20, in_dim))).to(getattr(torch, dtype))
     # Pieces of 5 rows of the kernel: seven full ones and a ragged last one.
-    monkeypatch.setattr(torch_decoding, "_DEQUANTIZED_PIECE", 5 * in_dim)
+    monkeypatch.setattr(torch_decoding, "_FLOAT32_PIECE", 5 * in_dim)
     many = torch_decoding._int8_linear(x, kernel, scale)
     # Rows one at a time, each a view at an offset.
     one_at_a_time = torch.cat(
@@ -139,16 +139,23 @@ def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype
     if onednn and not torch_decoding._has_onednn_linear():
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(torch_decoding, "_has_onednn_linear", lambda: onednn)
+    # Low precision from 16 rows on goes through float32 pieces: 5 kernel
+    # rows each here, seven full pieces and a ragged last one.
+    monkeypatch.setattr(torch_decoding, "_FLOAT32_PIECE", 5 * 40)
     rng = np.random.default_rng(0)
     weight = torch.from_numpy(rng.standard_normal((37, 40))).to(getattr(torch, dtype))
-    x = torch.from_numpy(rng.standard_normal((6, 3, 40))).to(getattr(torch, dtype))
+    x = torch.from_numpy(rng.standard_normal((20, 3, 40))).to(getattr(torch, dtype))
     expected = x.double().numpy() @ weight.double().numpy().T
     tolerance = 1e-5 if dtype == "float32" else 1e-2
-    # Many rows, one row, and one row that is a strided view (a batch's last position).
+    # Many rows, a few, one, and one that is a strided view (a batch's last position).
     for rows, want in (
         (x[:, 0], expected[:, 0]),
+        (x[:6, 0], expected[:6, 0]),
         (x[:1, 0], expected[:1, 0]),
         (x[:, -1][:1], expected[:1, -1]),
     ):
-        result = torch_decoding._linear(rows, weight).double().numpy()
-        np.testing.assert_allclose(result, want, atol=tolerance * np.abs(want).max())
+        result = torch_decoding._linear(rows, weight)
+        assert result.dtype == weight.dtype
+        np.testing.assert_allclose(
+            result.double().numpy(), want, atol=tolerance * np.abs(want).max()
+        )
