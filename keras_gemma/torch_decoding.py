@@ -36,7 +36,7 @@ def _value(variable):
 # fast as the MKL GEMV/GEMM behind `torch.mv`/`F.linear` on the AMD CPUs
 # measured here (MKL's float32 GEMV runs on one core): 32000x512, one row,
 # 10-14 vs 6-7.5 GB/s; 16384x2048, eight rows, 8.9 vs 2.9. Small-config
-# generation (`benchmarks/generation_speed.py`) went from ~33 to ~47 tokens/s.
+# generation (`benchmarks/generation_speed.py`) went from ~33 to ~45 tokens/s.
 @functools.cache
 def _has_onednn_linear():
     try:
