@@ -41,6 +41,8 @@ def torch_kernels():
     import torch
 
     from keras_gemma.torch_decoding import _int8_linear
+    from keras_gemma.torch_decoding import _linear
+    from keras_gemma.torch_decoding import _linear_in_float32_pieces
 
     print("torch (2048 -> 16384 per matrix)")
     int8 = [
@@ -55,7 +57,7 @@ def torch_kernels():
         _report(f"bf16 x{rows}, int8 weights: _weight_int8pack_mm", seconds, 1)
         if rows > 8:
             seconds = _seconds_per_matrix(lambda m, x=x: _int8_linear(x, *m), matrices)
-            _report(f"bf16 x{rows}, int8 weights: dequantized pieces", seconds, 1)
+            _report(f"bf16 x{rows}, int8 weights: float32 pieces", seconds, 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     x = torch.randn(1, IN_DIM, dtype=torch.bfloat16)
@@ -66,12 +68,24 @@ def torch_kernels():
     seconds = _seconds_per_matrix(lambda m: int8pack(x, *m), int8)
     _report("float32 x1, int8 weights: _weight_int8pack_mm", seconds, 1)
     seconds = _seconds_per_matrix(lambda m: _int8_linear(x, *m), int8)
-    _report("float32 x1, int8 weights: dequantized pieces", seconds, 1)
+    _report("float32 x1, int8 weights: float32 pieces", seconds, 1)
     del int8, matrices
     bf16 = [torch.randn(OUT_DIM, IN_DIM, dtype=torch.bfloat16) for _ in range(24)]
     x = torch.randn(IN_DIM, dtype=torch.bfloat16)
     seconds = _seconds_per_matrix(lambda w: torch.mv(w, x), bf16)
     _report("bf16 x1, bf16 weights [out, in]: torch.mv", seconds, 2)
+    x = torch.randn(32, IN_DIM, dtype=torch.bfloat16)
+    seconds = _seconds_per_matrix(lambda w: torch.nn.functional.linear(x, w), bf16[:6])
+    _report("bf16 x32, bf16 weights: F.linear", seconds, 2)
+    seconds = _seconds_per_matrix(lambda w: _linear_in_float32_pieces(x, w), bf16[:6])
+    _report("bf16 x32, bf16 weights: float32 pieces", seconds, 2)
+    del bf16
+    f32 = [torch.randn(OUT_DIM, IN_DIM) for _ in range(12)]
+    x = torch.randn(1, IN_DIM)
+    seconds = _seconds_per_matrix(lambda w: torch.mv(w, x[0]), f32)
+    _report("float32 x1, float32 weights: torch.mv (MKL)", seconds, 4)
+    seconds = _seconds_per_matrix(lambda w: _linear(x, w), f32)
+    _report("float32 x1, float32 weights: _linear (oneDNN where built)", seconds, 4)
 
 
 def tensorflow_kernels():
@@ -125,6 +139,29 @@ def jax_kernels():
         seconds = _seconds_per_matrix(product, weights, jax.block_until_ready)
         _report(f"bf16 x32 @ W [in, out], {label}", seconds, 2)
     del weights
+    # A decode step's row times tall `[out, in]` kernels, in one jit as in a step.
+    from keras_gemma._backend import one_row_product_in_float32
+
+    tall = [
+        jnp.asarray(rng.standard_normal((OUT_DIM, IN_DIM), np.float32), jnp.bfloat16)
+        for _ in range(6)
+    ]
+    row = jnp.asarray(rng.standard_normal((1, IN_DIM)), jnp.bfloat16)
+    two_rows = jnp.concatenate([row, jnp.zeros_like(row)])
+    for label, product in (
+        (
+            "two rows",
+            lambda w: jnp.einsum("ri,oi->ro", two_rows, w, preferred_element_type=jnp.float32),
+        ),
+        (
+            "multiply-reduce (one_row_product_in_float32)",
+            lambda w: one_row_product_in_float32(row, w),
+        ),
+    ):
+        step = jax.jit(lambda ws, p=product: sum(p(w)[:1] for w in ws))
+        seconds = _seconds_per_matrix(step, [tall], jax.block_until_ready) / len(tall)
+        _report(f"bf16 x1 @ W [out, in], {label}", seconds, 2)
+    del tall
     table = jnp.asarray(rng.standard_normal((256000, IN_DIM), np.float32), jnp.bfloat16)
     for rows in (1, 2):
         hidden = jnp.asarray(rng.standard_normal((rows, IN_DIM)), jnp.bfloat16)
