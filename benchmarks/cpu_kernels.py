@@ -50,13 +50,13 @@ def torch_kernels():
         for _ in range(24)
     ]
     int8pack = torch.ops.aten._weight_int8pack_mm
-    for rows in (1, 8, 32):
+    matrices = [(k, s.bfloat16()) for k, s in int8]
+    for rows in (1, 8, 32, 64):  # `_INT8PACK_MAX_ROWS`: where the two meet
         x = torch.randn(rows, IN_DIM, dtype=torch.bfloat16)
-        matrices = [(k, s.bfloat16()) for k, s in int8]
         seconds = _seconds_per_matrix(lambda m, x=x: int8pack(x, *m), matrices)
         _report(f"bf16 x{rows}, int8 weights: _weight_int8pack_mm", seconds, 1)
-        if rows > 8:
-            seconds = _seconds_per_matrix(lambda m, x=x: _int8_linear(x, *m), matrices)
+        if rows > 1:
+            seconds = _seconds_per_matrix(lambda m, x=x: _linear_in_float32_pieces(x, *m), matrices)
             _report(f"bf16 x{rows}, int8 weights: float32 pieces", seconds, 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -74,11 +74,12 @@ def torch_kernels():
     x = torch.randn(IN_DIM, dtype=torch.bfloat16)
     seconds = _seconds_per_matrix(lambda w: torch.mv(w, x), bf16)
     _report("bf16 x1, bf16 weights [out, in]: torch.mv", seconds, 2)
-    x = torch.randn(32, IN_DIM, dtype=torch.bfloat16)
-    seconds = _seconds_per_matrix(lambda w: torch.nn.functional.linear(x, w), bf16[:6])
-    _report("bf16 x32, bf16 weights: F.linear", seconds, 2)
-    seconds = _seconds_per_matrix(lambda w: _linear_in_float32_pieces(x, w), bf16[:6])
-    _report("bf16 x32, bf16 weights: float32 pieces", seconds, 2)
+    for rows in (8, 12, 32):  # `_FLOAT32_PIECES_MIN_ROWS`: where the two meet
+        x = torch.randn(rows, IN_DIM, dtype=torch.bfloat16)
+        seconds = _seconds_per_matrix(lambda w, x=x: torch.nn.functional.linear(x, w), bf16[:6])
+        _report(f"bf16 x{rows}, bf16 weights: F.linear", seconds, 2)
+        seconds = _seconds_per_matrix(lambda w, x=x: _linear_in_float32_pieces(x, w), bf16[:6])
+        _report(f"bf16 x{rows}, bf16 weights: float32 pieces", seconds, 2)
     del bf16
     f32 = [torch.randn(OUT_DIM, IN_DIM) for _ in range(12)]
     x = torch.randn(1, IN_DIM)

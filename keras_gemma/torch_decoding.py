@@ -50,9 +50,11 @@ def _has_onednn_linear():
 # ones on CPUs without bfloat16 instructions: `F.linear` multiplies 32
 # bfloat16 rows by a 16384x2048 kernel in ~110 ms, 512 rows in ~1.8 s (~19
 # GFLOP/s). Converting the kernel to float32 a piece at a time (a 16 MB
-# buffer) and multiplying those takes ~35 ms and ~0.33 s; below ~16 rows
-# the conversion costs more than it saves. The same holds for int8 kernels.
-_FLOAT32_PIECES_MIN_ROWS = 16
+# buffer) and multiplying those takes ~35 ms and ~0.33 s; below ~10 rows
+# the conversion costs more than it saves (8 rows: 29 ms for `F.linear`, 37
+# for pieces; 12 rows: 44 against 38). The same holds for int8 kernels
+# past `_INT8PACK_MAX_ROWS`.
+_FLOAT32_PIECES_MIN_ROWS = 10
 _FLOAT32_PIECE = 1 << 22  # weights per piece: 16 MB
 
 
@@ -89,10 +91,11 @@ def _linear_in_float32_pieces(x, weight, scale=None):
 
 # `_weight_int8pack_mm` reads int8 weights from memory at ~12 GB/s for one
 # bfloat16 row (2 cores; it is compute-bound: 6.6 GB/s on one), but its cost
-# grows with every row (2048x16384: 2.5 ms for one row, ~7 for 8, ~20 for 32)
-# and it is 10-40x slower with float32 rows. Elsewhere the float32 pieces
-# above are faster.
-_INT8PACK_MAX_ROWS = 15
+# grows with every row (16384x2048: ~4 ms for one row, ~9 for 8, ~42 for
+# 32, ~84 for 64) and it is 10-40x slower with float32 rows. The float32
+# pieces above cost ~24 ms from one row to 16 and grow slowly (~40 ms for 32,
+# ~64 for 64): over the four 2B kernel shapes the two tie at 32 rows.
+_INT8PACK_MAX_ROWS = 32
 
 
 def _int8_linear(x, kernel, scale):

@@ -109,7 +109,9 @@ def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype,
     kernel = torch.from_numpy(rng.integers(-127, 128, (37, in_dim), dtype=np.int8))
     scale = torch.from_numpy(rng.uniform(0.01, 0.02, 37)).to(getattr(torch, dtype))
     x = torch.from_numpy(rng.standard_normal((20, in_dim))).to(getattr(torch, dtype))
-    # Pieces of 5 rows of the kernel: seven full ones and a ragged last one.
+    # Past 8 rows, pieces of 5 rows of the kernel: seven full ones and a
+    # ragged last one.
+    monkeypatch.setattr(torch_decoding, "_INT8PACK_MAX_ROWS", 8)
     monkeypatch.setattr(torch_decoding, "_FLOAT32_PIECE", 5 * in_dim)
     many = torch_decoding._int8_linear(x, kernel, scale)
     # Rows one at a time, each a view at an offset.
@@ -139,7 +141,7 @@ def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype
     if onednn and not torch_decoding._has_onednn_linear():
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(torch_decoding, "_has_onednn_linear", lambda: onednn)
-    # Low precision from 16 rows on goes through float32 pieces: 5 kernel
+    # Low precision from 10 rows on goes through float32 pieces: 5 kernel
     # rows each here, seven full pieces and a ragged last one.
     monkeypatch.setattr(torch_decoding, "_FLOAT32_PIECE", 5 * 40)
     rng = np.random.default_rng(0)
