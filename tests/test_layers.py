@@ -147,11 +147,12 @@ def test_projection_products_equal_float64_within_bfloat16_rounding(
 ):
     # On JAX's CPU `project` asks for a float32 result (a faster kernel), and
     # one row times an `[out, in]` kernel is a multiply-reduce (tall
-    # kernels) or computed as two rows; on TensorFlow
-    # without bfloat16 instructions one row goes to `tf.einsum`; elsewhere it
-    # is the layer's call. Either way: the einsum of the compute-dtype
-    # operands with LoRA merged (under mixed precision Keras merges in
-    # bfloat16, hence the tolerance; the adapter adds O(1)).
+    # kernels) or computed as two rows; on TensorFlow without bfloat16
+    # instructions one row goes to `tf.einsum` and more rows to
+    # `(kernel @ x.T).T`; elsewhere it is the layer's call. Either way: the
+    # einsum of the compute-dtype operands with LoRA merged (under mixed
+    # precision Keras merges in bfloat16, hence the tolerance; the adapter
+    # adds O(1)).
     from keras_gemma.layers.projection import project
     from keras_gemma.layers.projection import projection
 

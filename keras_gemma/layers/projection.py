@@ -54,31 +54,35 @@ def project(layer, x):
     """`layer(x)` for a `projection`, through a faster product where the
     backend has one (the same product, rounded to the compute dtype as the
     layer's is): `_backend.projection_einsum`, and a decode step's single
-    row as a 2-D `[1, in] x [out, in]` product."""
+    row (or, where `_backend.kernel_first_product` says so, every row) as a
+    2-D `[rows, in] x [out, in]` product."""
     dtype = layer.compute_dtype
     if layer.quantization_mode is not None:
         return _quantized_product(layer, x)
     rows = math.prod(x.shape[:-1]) if None not in x.shape[:-1] else None
     einsum = _backend.projection_einsum(dtype, rows)
-    one_row = rows == 1 and _contracts_last_axis(layer)
-    if einsum is None and not one_row:
+    kernel_first = _backend.kernel_first_product(dtype, rows)
+    two_d = _contracts_last_axis(layer) and (rows == 1 or kernel_first is not None)
+    if einsum is None and not two_d:
         return layer(x)
     einsum = einsum or ops.einsum
     # `layer.kernel` is the LoRA-merged kernel when LoRA is enabled, as in
     # the layer's call; the casts are the layer's autocasting.
     kernel = ops.cast(layer.kernel, dtype)
     x = ops.cast(x, dtype)
-    if not one_row:
+    if not two_d:
         return ops.cast(einsum(layer.equation, x, kernel), dtype)
     # 2-D: XLA decoded the small benchmark config ~10% slower with the
     # 3-D query/key/value products (float32).
     out_shape = kernel.shape[:-1]
     kernel = ops.reshape(kernel, (-1, kernel.shape[-1]))
-    row = ops.reshape(x, (1, -1))
-    if _backend.accumulates_in_float32(dtype):
-        y = _backend.one_row_product_in_float32(row, kernel)
+    x_2d = ops.reshape(x, (rows, -1))
+    if kernel_first is not None:
+        y = kernel_first(x_2d, kernel)
+    elif _backend.accumulates_in_float32(dtype):
+        y = _backend.one_row_product_in_float32(x_2d, kernel)
     else:
-        y = einsum("ri,oi->ro", row, kernel)
+        y = einsum("ri,oi->ro", x_2d, kernel)
     return ops.cast(ops.reshape(y, (*x.shape[:-1], *out_shape)), dtype)
 
 
