@@ -74,7 +74,7 @@ def torch_kernels():
     x = torch.randn(IN_DIM, dtype=torch.bfloat16)
     seconds = _seconds_per_matrix(lambda w: torch.mv(w, x), bf16)
     _report("bf16 x1, bf16 weights [out, in]: torch.mv", seconds, 2)
-    for rows in (8, 12, 32):  # `_FLOAT32_PIECES_MIN_ROWS`: where the two meet
+    for rows in (4, 8, 32):  # `_FLOAT32_PIECES_MIN_ROWS`: where the two meet
         x = torch.randn(rows, IN_DIM, dtype=torch.bfloat16)
         seconds = _seconds_per_matrix(lambda w, x=x: torch.nn.functional.linear(x, w), bf16[:6])
         _report(f"bf16 x{rows}, bf16 weights: F.linear", seconds, 2)

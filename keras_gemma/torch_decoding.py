@@ -46,16 +46,18 @@ def _has_onednn_linear():
         return False
 
 
-# Low-precision products of many rows (prefill) are far slower than float32
-# ones on CPUs without bfloat16 instructions: `F.linear` multiplies 32
-# bfloat16 rows by a 16384x2048 kernel in ~110 ms, 512 rows in ~1.8 s (~19
-# GFLOP/s). Converting the kernel to float32 a piece at a time (a 16 MB
-# buffer) and multiplying those takes ~35 ms and ~0.33 s; below ~10 rows
-# the conversion costs more than it saves (8 rows: 29 ms for `F.linear`, 37
-# for pieces; 12 rows: 44 against 38). The same holds for int8 kernels
-# past `_INT8PACK_MAX_ROWS`.
-_FLOAT32_PIECES_MIN_ROWS = 10
-_FLOAT32_PIECE = 1 << 22  # weights per piece: 16 MB
+# Low-precision products of several rows (prefill, batches) are far slower
+# than float32 ones on CPUs without bfloat16 instructions: `F.linear`
+# multiplies 8 bfloat16 rows by a 16384x2048 kernel in ~30 ms, 32 rows in
+# ~110 ms, 512 in ~1.8 s (~19 GFLOP/s). Converting the kernel to float32 a
+# piece at a time and multiplying those takes ~18, ~32 and ~330 ms; from
+# one row to ~4 the conversion costs more than it saves. An 8 MB buffer
+# measured up to 1.5x faster than 16 MB (it stays in cache between the
+# conversion and the product) and 2x faster than 1 MB (per-call overhead).
+# The same holds for int8 kernels past `_INT8PACK_MAX_ROWS`, and for int8
+# kernels times float32 rows (one row: ~8 ms, against ~30 for int8pack).
+_FLOAT32_PIECES_MIN_ROWS = 6
+_FLOAT32_PIECE = 1 << 21  # weights per piece: 8 MB of float32
 
 
 def _linear(x, weight):
@@ -89,12 +91,12 @@ def _linear_in_float32_pieces(x, weight, scale=None):
     return y.to(x.dtype)
 
 
-# `_weight_int8pack_mm` reads int8 weights from memory at ~12 GB/s for one
-# bfloat16 row (2 cores; it is compute-bound: 6.6 GB/s on one), but its cost
+# `_weight_int8pack_mm` reads int8 weights from memory at ~9-12 GB/s for one
+# bfloat16 row (2 cores; it is compute-bound: 4-6 GB/s on one), but its cost
 # grows with every row (16384x2048: ~4 ms for one row, ~9 for 8, ~42 for
 # 32, ~84 for 64) and it is 10-40x slower with float32 rows. The float32
-# pieces above cost ~24 ms from one row to 16 and grow slowly (~40 ms for 32,
-# ~64 for 64): over the four 2B kernel shapes the two tie at 32 rows.
+# pieces above grow more slowly (~32 ms for 32 rows, ~45 for 48): over the
+# four 2B kernel shapes the two tie at ~32 rows.
 _INT8PACK_MAX_ROWS = 32
 
 

@@ -141,7 +141,7 @@ def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype
     if onednn and not torch_decoding._has_onednn_linear():
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(torch_decoding, "_has_onednn_linear", lambda: onednn)
-    # Low precision from 10 rows on goes through float32 pieces: 5 kernel
+    # Low precision from 6 rows on goes through float32 pieces: 5 kernel
     # rows each here, seven full pieces and a ragged last one.
     monkeypatch.setattr(torch_decoding, "_FLOAT32_PIECE", 5 * 40)
     rng = np.random.default_rng(0)
@@ -152,7 +152,7 @@ def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype
     # Many rows, a few, one, and one that is a strided view (a batch's last position).
     for rows, want in (
         (x[:, 0], expected[:, 0]),
-        (x[:6, 0], expected[:6, 0]),
+        (x[:3, 0], expected[:3, 0]),
         (x[:1, 0], expected[:1, 0]),
         (x[:, -1][:1], expected[:1, -1]),
     ):
