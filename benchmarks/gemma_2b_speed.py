@@ -7,11 +7,12 @@
 Batch 1, a 32-token prompt, 8 new tokens, greedy; tokens/s counts new tokens
 over the whole call (prefill included) after one warm-up call. "decode" is
 the steady-state rate without the prefill: the extra new tokens over the
-extra time, against a call that makes one new token. Each model
-runs in its own process; peak resident memory is that process's maximum RSS
+extra time, against a call that makes one new token (each the best of 3
+calls). Each model runs in its own process; peak resident memory is that process's maximum RSS
 (the "base" column is the RSS after imports, before any weights). The
 memory-bandwidth bound is the weight bytes each token reads, divided by the
-bandwidth of a float32 matrix-vector product measured here with NumPy.
+bandwidth of a float32 matrix-vector product measured here with NumPy,
+just before and after that model's process.
 With `--quantize int8` our model is quantized once and saved as an int8
 preset (in `--int8-preset`), and the measured process loads that preset, as
 a user serving int8 weights would. Not part of CI: it needs ~12 GB of memory
@@ -80,18 +81,21 @@ def _prompt(args):
     return token_ids
 
 
-def _timings(generate, generate_one_token):
-    """Seconds of the first call, of a warm call, and of a warm one-token call."""
+def _timings(generate, generate_one_token, repeats=3):
+    """Seconds of the first call, and the best of `repeats` warm calls and
+    warm one-token calls (this host's speed drifts by up to ~30% between
+    minutes; the best is the least disturbed)."""
     start = time.perf_counter()
     generate()
     first_s = time.perf_counter() - start
     generate_one_token()  # its own warm-up: the cache may be shorter
-    timings = []
-    for call in (generate, generate_one_token):
-        start = time.perf_counter()
-        call()
-        timings.append(time.perf_counter() - start)
-    return first_s, *timings
+    timings = [[], []]
+    for _ in range(repeats):
+        for seconds, call in zip(timings, (generate, generate_one_token)):
+            start = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - start)
+    return first_s, min(timings[0]), min(timings[1])
 
 
 def measure_transformers(args):
@@ -223,20 +227,32 @@ def main():
 
     if args.quantize and not os.path.isdir(args.int8_preset):
         run("int8-preset", "torch")
-    bandwidth = measure_bandwidth()
     backends = [args.backend] if args.backend else ["jax", "torch", "tensorflow"]
     quantize = ["--quantize", args.quantize] if args.quantize else []
-    rows = []
-    for backend in backends:
-        for keras_hub in [False, True] if args.keras_hub else [False]:
-            rows.append(run("measure", backend, *quantize, *(["--keras-hub"] * keras_hub)))
-            print(json.dumps(rows[-1]), flush=True)
+    runs = [
+        ("measure", b, *quantize, *(["--keras-hub"] * kh))
+        for b in backends
+        for kh in ([False, True] if args.keras_hub else [False])
+    ]
     if args.keras_hub and not args.quantize and "torch" in backends:
-        rows.append(run("transformers", "torch"))
-        print(json.dumps(rows[-1]), flush=True)
-    rows = [r for r in rows if r is not None]
+        runs.append(("transformers", "torch"))
+    rows, bandwidths = [], []
+    for child, backend, *extra in runs:
+        # Measured beside each model (the host's bandwidth drifts), in this
+        # process (a 268 MB matrix would count in the model's peak memory).
+        before = measure_bandwidth()
+        row = run(child, backend, *extra)
+        print(json.dumps(row), flush=True)
+        if row is not None:
+            row["bandwidth_gb_s"] = (before + measure_bandwidth()) / 2
+            rows.append(row)
+            bandwidths.append(row["bandwidth_gb_s"])
     print(f"\n{describe_cpu()}")
-    print(f"memory bandwidth (float32 GEMV, NumPy): {bandwidth:.1f} GB/s")
+    if bandwidths:
+        print(
+            "memory bandwidth (float32 GEMV, NumPy, before and after each model): "
+            f"{min(bandwidths):.1f}-{max(bandwidths):.1f} GB/s"
+        )
     print(
         f"{'backend':<11}{'library':<13}{'tok/s':>7}{'decode':>7}{'bound':>7}{'of bound':>9}"
         f"{'vs kh':>7}{'peak GB':>9}{'base GB':>8}{'peak/weights':>13}{'(peak-base)/w':>14}"
@@ -244,7 +260,7 @@ def main():
     )
     keras_hub_speed = {r["backend"]: r["tokens_per_s"] for r in rows if r["library"] == "keras-hub"}
     for r in rows:
-        bound = bandwidth / r["weight_gb"]
+        bound = r["bandwidth_gb_s"] / r["weight_gb"]
         versus = r["tokens_per_s"] / keras_hub_speed.get(r["backend"], float("nan"))
         print(
             f"{r['backend']:<11}{r['library']:<13}{r['tokens_per_s']:>7.2f}"
