@@ -1,5 +1,6 @@
 import keras
 
+from keras_gemma import _backend
 from keras_gemma.layers.projection import project
 from keras_gemma.layers.projection import projection
 
@@ -66,7 +67,8 @@ class GemmaFeedForward(keras.layers.Layer):
 
     def call(self, x):
         gate = keras.activations.gelu(project(self.ffw_gating, x), approximate=True)
-        return project(self.ffw_linear, gate * project(self.ffw_gating_2, x))
+        up = project(self.ffw_gating_2, _backend.after(x, gate))
+        return project(self.ffw_linear, gate * up)
 
     def compute_output_shape(self, input_shape):
         return input_shape
