@@ -3,16 +3,18 @@
     python benchmarks/gemma_2b_speed.py                       # every backend, bfloat16
     python benchmarks/gemma_2b_speed.py --keras-hub           # + keras-hub and transformers
     python benchmarks/gemma_2b_speed.py --backend torch --quantize int8
+    python benchmarks/gemma_2b_speed.py --backend torch --batch-size 8
 
-Batch 1, a 32-token prompt, 8 new tokens, greedy; tokens/s counts new tokens
-over the whole call (prefill included) after one warm-up call. "decode" is
-the steady-state rate without the prefill: the extra new tokens over the
-extra time, against a call that makes one new token (each the best of 3
-calls). Each model runs in its own process; peak resident memory is that process's maximum RSS
-(the "base" column is the RSS after imports, before any weights). The
-memory-bandwidth bound is the weight bytes each token reads, divided by the
-bandwidth of a float32 matrix-vector product measured here with NumPy,
-just before and after that model's process.
+Batch 1 (`--batch-size`), a 32-token prompt, 8 new tokens, greedy; tokens/s
+counts the new tokens of every row over the whole call (prefill included)
+after one warm-up call. "decode" is the steady-state rate without the
+prefill: the extra new tokens over the extra time, against a call that makes
+one new token (each the best of 3 calls). Each model runs in its own
+process; peak resident memory is that process's maximum RSS (the "base"
+column is the RSS after imports, before any weights). The memory-bandwidth
+bound is the tokens per step (the batch) times the bandwidth of a float32
+matrix-vector product measured here with NumPy just before and after that
+model's process, over the weight bytes each step reads.
 With `--quantize int8` our model is quantized once and saved as an int8
 preset (in `--int8-preset`), and the measured process loads that preset, as
 a user serving int8 weights would. Not part of CI: it needs ~12 GB of memory
@@ -74,9 +76,9 @@ def make_int8_preset(args):
 
 def _prompt(args):
     length = args.prompt_length + args.new_tokens
-    token_ids = np.zeros((1, length), "int32")
-    token_ids[0, : args.prompt_length] = np.random.default_rng(1).integers(
-        3, 256000, args.prompt_length
+    token_ids = np.zeros((args.batch_size, length), "int32")
+    token_ids[:, : args.prompt_length] = np.random.default_rng(1).integers(
+        3, 256000, (args.batch_size, args.prompt_length)
     )
     return token_ids
 
@@ -123,8 +125,8 @@ def measure_transformers(args):
         "backend": "torch",
         "library": "transformers",
         "quantize": None,
-        "tokens_per_s": args.new_tokens / seconds,
-        "decode_tokens_per_s": (args.new_tokens - 1) / (seconds - one_token_s),
+        "tokens_per_s": args.batch_size * args.new_tokens / seconds,
+        "decode_tokens_per_s": args.batch_size * (args.new_tokens - 1) / (seconds - one_token_s),
         "first_call_s": first_s,
         "weight_gb": weight_bytes / 1e9,
         "base_rss_gb": base,
@@ -162,7 +164,7 @@ def measure(args):
     token_ids = _prompt(args)
     inputs = {
         "token_ids": token_ids,
-        "padding_mask": (np.arange(length) < args.prompt_length)[None].astype("int32"),
+        "padding_mask": np.broadcast_to(np.arange(length) < args.prompt_length, token_ids.shape),
     }
     one_token = {name: value[:, : args.prompt_length + 1] for name, value in inputs.items()}
     first_s, seconds, one_token_s = _timings(
@@ -177,8 +179,8 @@ def measure(args):
         "backend": keras.config.backend(),
         "library": "keras-hub" if args.keras_hub else "keras_gemma",
         "quantize": args.quantize,
-        "tokens_per_s": args.new_tokens / seconds,
-        "decode_tokens_per_s": (args.new_tokens - 1) / (seconds - one_token_s),
+        "tokens_per_s": args.batch_size * args.new_tokens / seconds,
+        "decode_tokens_per_s": args.batch_size * (args.new_tokens - 1) / (seconds - one_token_s),
         "first_call_s": first_s,
         "build_s": build_s,
         "weight_gb": weight_bytes / 1e9,
@@ -202,6 +204,7 @@ def main():
     parser.add_argument("--int8-preset", help="default: /tmp/keras_gemma_2b_int8_<dtype>")
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--child", choices=["measure", "transformers", "int8-preset"])
     args = parser.parse_args()
     args.int8_preset = args.int8_preset or f"/tmp/keras_gemma_2b_int8_{args.dtype}"
@@ -216,7 +219,12 @@ def main():
 
     def run(child, backend, *extra):
         command = [sys.executable, __file__, "--child", child, "--dtype", args.dtype]
-        command += ["--prompt-length", str(args.prompt_length)]
+        command += [
+            "--prompt-length",
+            str(args.prompt_length),
+            "--batch-size",
+            str(args.batch_size),
+        ]
         command += ["--new-tokens", str(args.new_tokens), "--int8-preset", args.int8_preset]
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
         result = subprocess.run(command + list(extra), env=env, capture_output=True, text=True)
@@ -247,7 +255,7 @@ def main():
             row["bandwidth_gb_s"] = (before + measure_bandwidth()) / 2
             rows.append(row)
             bandwidths.append(row["bandwidth_gb_s"])
-    print(f"\n{describe_cpu()}")
+    print(f"\n{describe_cpu()}; batch {args.batch_size}")
     if bandwidths:
         print(
             "memory bandwidth (float32 GEMV, NumPy, before and after each model): "
@@ -260,7 +268,8 @@ def main():
     )
     keras_hub_speed = {r["backend"]: r["tokens_per_s"] for r in rows if r["library"] == "keras-hub"}
     for r in rows:
-        bound = r["bandwidth_gb_s"] / r["weight_gb"]
+        # Every step reads the weights once, whatever the batch.
+        bound = args.batch_size * r["bandwidth_gb_s"] / r["weight_gb"]
         versus = r["tokens_per_s"] / keras_hub_speed.get(r["backend"], float("nan"))
         print(
             f"{r['backend']:<11}{r['library']:<13}{r['tokens_per_s']:>7.2f}"
