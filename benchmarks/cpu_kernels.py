@@ -118,19 +118,20 @@ def tensorflow_kernels():
             transposed,
         ),
     ]
-    x32 = tf.constant(rng.standard_normal((32, IN_DIM), np.float32), tf.bfloat16)
-    forms += [  # `_backend.kernel_first_product`
-        (
-            "bf16 x32 @ W.T, W [out, in]: tf.matmul(x, W, transpose_b)",
-            tf.function(lambda w: tf.matmul(x32, w, transpose_b=True)),
-            transposed[:6],
-        ),
-        (
-            "bf16 x32, W [out, in]: (W @ x.T).T, kernel first",
-            tf.function(lambda w: tf.transpose(tf.matmul(w, x32, transpose_b=True))),
-            transposed[:6],
-        ),
-    ]
+    for rows in (32, 512):  # `_backend.kernel_first_product`
+        xs = tf.constant(rng.standard_normal((rows, IN_DIM), np.float32), tf.bfloat16)
+        forms += [
+            (
+                f"bf16 x{rows} @ W.T, W [out, in]: tf.matmul(x, W, transpose_b)",
+                tf.function(lambda w, xs=xs: tf.matmul(xs, w, transpose_b=True)),
+                transposed[:6],
+            ),
+            (
+                f"bf16 x{rows}, W [out, in]: (W @ x.T).T, kernel first",
+                tf.function(lambda w, xs=xs: tf.transpose(tf.matmul(w, xs, transpose_b=True))),
+                transposed[:6],
+            ),
+        ]
     for label, form, matrices in forms:
         _report(label, _seconds_per_matrix(form, matrices), 2)
 

@@ -176,8 +176,9 @@ def after(x, dependency):
     transient buffers: the feed-forward's gate and up products in a 2B
     32-token prefill peaked at 1.26x the weights' bytes, and 1.23x in turn
     (though ~15% slower end to end, 0.53 against 0.63 tokens/s: the two
-    bfloat16 products shared the 2 cores better). Elsewhere ops already run
-    in program order.
+    bfloat16 products shared the 2 cores better; `gemma_2b_speed.py
+    --backend tensorflow` with and without this dependency). Elsewhere ops
+    already run in program order.
     """
     if keras.config.backend() != "tensorflow":
         return x
