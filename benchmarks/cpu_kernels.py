@@ -40,7 +40,7 @@ def torch_kernels():
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import torch
 
-    from keras_gemma.torch_decoding import _int8_linear
+    from keras_gemma.cpu_matvec import matvec
     from keras_gemma.torch_decoding import _linear
     from keras_gemma.torch_decoding import _linear_in_float32_pieces
 
@@ -55,6 +55,9 @@ def torch_kernels():
         x = torch.randn(rows, IN_DIM, dtype=torch.bfloat16)
         seconds = _seconds_per_matrix(lambda m, x=x: int8pack(x, *m), matrices)
         _report(f"bf16 x{rows}, int8 weights: _weight_int8pack_mm", seconds, 1)
+        if rows == 1 and matvec(x, *matrices[0]) is not None:
+            seconds = _seconds_per_matrix(lambda m, x=x: matvec(x, *m), matrices)
+            _report("bf16 x1, int8 weights: cpu_matvec (AVX2)", seconds, 1)
         if rows > 1:
             seconds = _seconds_per_matrix(lambda m, x=x: _linear_in_float32_pieces(x, *m), matrices)
             _report(f"bf16 x{rows}, int8 weights: float32 pieces", seconds, 1)
@@ -67,13 +70,19 @@ def torch_kernels():
     x = torch.randn(1, IN_DIM)
     seconds = _seconds_per_matrix(lambda m: int8pack(x, *m), int8)
     _report("float32 x1, int8 weights: _weight_int8pack_mm", seconds, 1)
-    seconds = _seconds_per_matrix(lambda m: _int8_linear(x, *m), int8)
+    seconds = _seconds_per_matrix(lambda m: _linear_in_float32_pieces(x, *m), int8)
     _report("float32 x1, int8 weights: float32 pieces", seconds, 1)
+    if matvec(x, *int8[0]) is not None:
+        seconds = _seconds_per_matrix(lambda m: matvec(x, *m), int8)
+        _report("float32 x1, int8 weights: cpu_matvec (AVX2)", seconds, 1)
     del int8, matrices
     bf16 = [torch.randn(OUT_DIM, IN_DIM, dtype=torch.bfloat16) for _ in range(24)]
     x = torch.randn(IN_DIM, dtype=torch.bfloat16)
     seconds = _seconds_per_matrix(lambda w: torch.mv(w, x), bf16)
     _report("bf16 x1, bf16 weights [out, in]: torch.mv", seconds, 2)
+    if matvec(x[None], bf16[0]) is not None:
+        seconds = _seconds_per_matrix(lambda w: matvec(x[None], w), bf16)
+        _report("bf16 x1, bf16 weights [out, in]: cpu_matvec (AVX2)", seconds, 2)
     for rows in (4, 8, 32):  # `_FLOAT32_PIECES_MIN_ROWS`: where the two meet
         x = torch.randn(rows, IN_DIM, dtype=torch.bfloat16)
         seconds = _seconds_per_matrix(lambda w, x=x: torch.nn.functional.linear(x, w), bf16[:6])

@@ -23,6 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from keras_gemma import cpu_matvec
 from keras_gemma.backbone import quantizable_layers
 from keras_gemma.layers.attention import _MASKED_LOGIT
 from keras_gemma.layers.rotary_embedding import inverse_frequencies
@@ -69,6 +70,8 @@ def _linear(x, weight):
     for `F.linear` on an AMX Xeon (30 distinct 2048x16384 matrices; the two
     are equal, ~13 GB/s, on the AVX2 EPYCs)."""
     if x.device.type == "cpu":
+        if x.shape[0] == 1 and (y := cpu_matvec.matvec(x, weight)) is not None:
+            return y
         if x.dtype == torch.float32 and _has_onednn_linear():
             return _onednn_linear(x, weight)
         if x.dtype != torch.float32 and x.shape[0] >= _FLOAT32_PIECES_MIN_ROWS:
@@ -106,6 +109,8 @@ _INT8PACK_MAX_ROWS = 32
 
 def _int8_linear(x, kernel, scale):
     """`(x @ kernel.T) * scale` for int8 `kernel` `[out, in]` on CPU."""
+    if x.shape[0] == 1 and (y := cpu_matvec.matvec(x, kernel, scale)) is not None:
+        return y
     _, in_dim = kernel.shape
     # The kernel also reads garbage or crashes (segfault) on bfloat16 rows
     # whose length is not a multiple of 16, or that do not start on a 32-byte

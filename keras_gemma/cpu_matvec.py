@@ -1,0 +1,144 @@
+"""One-row products `x @ weight.T` on x86 CPUs, in a small AVX2 kernel
+(`cpu_matvec.c`) built with the system C compiler on first use.
+
+Why: decoding one token reads every weight once, so its speed is the speed
+at which one-row products stream weights from memory. On CPUs without
+bfloat16 or VNNI instructions the stock kernels convert low-precision
+weights too slowly to keep up with memory; measured on the 2-core AVX2 EPYC
+the benchmarks ran on (`benchmarks/cpu_kernels.py --backend torch`),
+`_weight_int8pack_mm` reads int8 at ~7-9 GB/s and `torch.mv` bfloat16 at
+~12, against ~12-14 and ~13-16 for this kernel.
+
+It is optional: without x86-64 Linux, AVX2 and FMA, or a working `cc`,
+`matvec` returns None and `torch_decoding` uses the stock kernels;
+`KERAS_GEMMA_NATIVE=0` turns it off. The library is built once per source
+into `$KERAS_GEMMA_CACHE` (default `~/.cache/keras_gemma`), under a temporary
+name renamed into place, so concurrent processes never load a half-written
+file.
+
+Example:
+>>> import torch
+>>> from keras_gemma import cpu_matvec
+>>> weight, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32)
+>>> y = cpu_matvec.matvec(x, weight)
+>>> y is None or torch.allclose(y, x @ weight.float().T, atol=1e-4)
+True
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+import warnings
+
+import torch
+
+_SOURCE = pathlib.Path(__file__).with_name("cpu_matvec.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+# float32 weights are left to oneDNN, which streams them as fast (~11-13
+# GB/s) and made small-config decoding 25% slower when this kernel took them.
+_FUNCTIONS = {torch.bfloat16: "matvec_bf16", torch.int8: "matvec_i8"}
+# Below this many weight bytes per thread, waking a second thread costs more
+# than it saves.
+_BYTES_PER_THREAD = 1 << 18
+
+
+def _cpu_has_avx2_and_fma():
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    line = next((line for line in flags.splitlines() if line.startswith("flags")), "")
+    return {"avx2", "fma"} <= set(line.split())
+
+
+def _cache_dir():
+    return pathlib.Path(
+        os.environ.get("KERAS_GEMMA_CACHE", pathlib.Path.home() / ".cache" / "keras_gemma")
+    )
+
+
+def _build():
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    library = _cache_dir() / f"cpu_matvec-{digest}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(handle)
+        try:
+            subprocess.run(
+                [os.environ.get("CC", "cc"), *_FLAGS, str(_SOURCE), "-o", partial],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+            os.replace(partial, library)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return ctypes.CDLL(str(library))
+
+
+@functools.cache
+def _library():
+    """The loaded kernel library, or None where it cannot be used here."""
+    if os.environ.get("KERAS_GEMMA_NATIVE", "1") == "0" or not _cpu_has_avx2_and_fma():
+        return None
+    try:
+        library = _build()
+    except (OSError, subprocess.SubprocessError) as error:
+        warnings.warn(
+            f"keras_gemma could not build its CPU decoding kernel ({error}); decoding on "
+            "CPU uses PyTorch's kernels instead, which are slower for bfloat16 and int8 "
+            "weights. Install a C compiler (`cc`), or set KERAS_GEMMA_NATIVE=0 to "
+            "silence this.",
+            stacklevel=3,
+        )
+        return None
+    for name in _FUNCTIONS.values():
+        function = getattr(library, name)
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+        function.restype = None
+    return library
+
+
+def matvec(x, weight, scale=None):
+    """`(x @ weight.T) * scale` for one row `x` `[1, in]` and a contiguous
+    `[out, in]` `weight` (bfloat16 or int8) on CPU, accumulated in
+    float32 and returned in `x`'s dtype; `scale` is `[out]` or None.
+    Returns None where the kernel does not apply, so callers fall back."""
+    function = _FUNCTIONS.get(weight.dtype)
+    if (
+        function is None
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or x.dim() != 2
+        or x.shape[0] != 1
+        or not weight.is_contiguous()
+        or _library() is None
+    ):
+        return None
+    function = getattr(_library(), function)
+    out_dim, in_dim = weight.shape
+    rows = x.to(torch.float32).contiguous()
+    if scale is not None:
+        scale = scale.to(torch.float32).contiguous()
+    y = torch.empty(out_dim, dtype=torch.float32)
+    threads = max(1, min(torch.get_num_threads(), weight.nbytes // _BYTES_PER_THREAD))
+    function(
+        rows.data_ptr(),
+        weight.data_ptr(),
+        scale.data_ptr() if scale is not None else None,
+        y.data_ptr(),
+        in_dim,
+        out_dim,
+        threads,
+    )
+    return y[None].to(x.dtype)

@@ -1,0 +1,112 @@
+"""The AVX2 one-row kernel equals float64 products, and falls back cleanly."""
+
+import keras
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    keras.config.backend() != "torch", reason="cpu_matvec serves the torch backend's decoding"
+)
+
+
+def _kernel_or_skip():
+    from keras_gemma import cpu_matvec
+
+    if cpu_matvec._library() is None:
+        pytest.skip("no AVX2 + FMA or no C compiler here")
+    return cpu_matvec
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("in_dim", [64, 75])  # 75: a tail past the 32-wide body
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_matvec_equals_float64(monkeypatch, weights, in_dim, threads):
+    import torch
+
+    cpu_matvec = _kernel_or_skip()
+    # Tiny matrices still split: 37 rows over 3 threads.
+    monkeypatch.setattr(cpu_matvec, "_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    rng = np.random.default_rng(0)
+    if weights == "int8":
+        weight = torch.from_numpy(rng.integers(-127, 128, (37, in_dim), dtype=np.int8))
+        scale = torch.from_numpy(rng.uniform(0.01, 0.02, 37)).to(torch.bfloat16)
+    else:
+        weight = torch.from_numpy(rng.standard_normal((37, in_dim))).to(torch.bfloat16)
+        scale = None
+    # A bfloat16 row, and a float32 row that is a strided view.
+    rows = torch.from_numpy(rng.standard_normal((2, in_dim)))
+    for x in (rows[:1].to(torch.bfloat16), rows.float().T[:, :1].T):
+        expected = x.double() @ weight.double().T
+        if scale is not None:
+            expected = expected * scale.double()
+        result = cpu_matvec.matvec(x, weight, scale)
+        assert result.dtype == x.dtype and tuple(result.shape) == (1, 37)
+        tolerance = 1e-5 if x.dtype == torch.float32 else 1e-2
+        np.testing.assert_allclose(
+            result.double().numpy(),
+            expected.numpy(),
+            atol=tolerance * expected.abs().max().item(),
+        )
+
+
+def test_matvec_declines_what_it_does_not_compute():
+    import torch
+
+    cpu_matvec = _kernel_or_skip()
+    weight = torch.ones(8, 32, dtype=torch.bfloat16)
+    assert cpu_matvec.matvec(torch.ones(2, 32), weight) is None  # two rows
+    assert cpu_matvec.matvec(torch.ones(1, 32), weight.float()) is None  # oneDNN's
+    assert cpu_matvec.matvec(torch.ones(1, 16), weight[:, ::2]) is None  # not contiguous
+
+
+def test_without_a_compiler_it_warns_once_and_declines(monkeypatch, tmp_path):
+    import torch
+
+    from keras_gemma import cpu_matvec
+
+    if not cpu_matvec._cpu_has_avx2_and_fma():
+        pytest.skip("the kernel is never built on this CPU")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path))
+    cpu_matvec._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="Install a C compiler"):
+            assert cpu_matvec.matvec(torch.ones(1, 32), torch.ones(8, 32).bfloat16()) is None
+        assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+    finally:
+        cpu_matvec._library.cache_clear()
+
+
+def test_builds_once_into_the_cache(monkeypatch, tmp_path):
+    import torch
+
+    from keras_gemma import cpu_matvec
+
+    _kernel_or_skip()
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path))
+    cpu_matvec._library.cache_clear()
+    try:
+        y = cpu_matvec.matvec(torch.ones(1, 32), torch.ones(8, 32).bfloat16())
+        np.testing.assert_array_equal(y.numpy(), np.full((1, 8), 32.0))
+        (built,) = tmp_path.iterdir()
+        assert built.name.startswith("cpu_matvec-")
+        modified = built.stat().st_mtime_ns
+        cpu_matvec._library.cache_clear()
+        cpu_matvec.matvec(torch.ones(1, 32), torch.ones(8, 32).bfloat16())
+        assert list(tmp_path.iterdir()) == [built] and built.stat().st_mtime_ns == modified
+    finally:
+        cpu_matvec._library.cache_clear()
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    import torch
+
+    from keras_gemma import cpu_matvec
+
+    monkeypatch.setenv("KERAS_GEMMA_NATIVE", "0")
+    cpu_matvec._library.cache_clear()
+    try:
+        assert cpu_matvec.matvec(torch.ones(1, 32), torch.ones(8, 32).bfloat16()) is None
+    finally:
+        cpu_matvec._library.cache_clear()
