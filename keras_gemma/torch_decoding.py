@@ -5,9 +5,11 @@ Why a second path: on the torch backend every `keras.ops` call and every
 a small model is ~100 layer calls and ~300 ops. Measured on the benchmark
 config (6 layers, hidden 512): 23.6 ms per step through Keras, of which the
 matrix products are 7.5 ms; this module runs the same step in ~8 ms.
-It also picks the fast CPU kernels: `aten._weight_int8pack_mm` for int8
-weights and `F.linear` for bfloat16, both of which want `[out, in]`
-storage, the layout every Gemma kernel is stored in (see `GemmaAttention`).
+It also picks the fast CPU kernels: `cpu_matvec`'s AVX2 kernel for one row
+of bfloat16 or int8 weights (each decode step at batch 1), and
+`aten._weight_int8pack_mm` and `F.linear` for more rows, all of which want
+`[out, in]` storage, the layout every Gemma kernel is stored in (see
+`GemmaAttention`).
 
 It computes exactly what `GemmaBackbone.compute_hidden_states` plus
 `GemmaCausalLM.compute_logits` compute (same dtypes, same float32 islands;
@@ -65,10 +67,11 @@ _FLOAT32_PIECE = 1 << 21  # weights per piece: 8 MB of float32
 
 
 def _linear(x, weight):
-    """`x @ weight.T` for an `[out, in]` weight; one bfloat16 row goes through
-    `torch.mv`, whose kernel streamed weights at ~25 GB/s against ~20 GB/s
-    for `F.linear` on an AMX Xeon (30 distinct 2048x16384 matrices; the two
-    are equal, ~13 GB/s, on the AVX2 EPYCs)."""
+    """`x @ weight.T` for an `[out, in]` weight. One bfloat16 row goes through
+    `cpu_matvec` where it is built, else `torch.mv`, whose kernel streamed
+    weights at ~25 GB/s against ~20 GB/s for `F.linear` on an AMX Xeon (30
+    distinct 2048x16384 matrices; the two are equal, ~13 GB/s, on the AVX2
+    EPYCs)."""
     if x.device.type == "cpu":
         if x.shape[0] == 1 and (y := cpu_matvec.matvec(x, weight)) is not None:
             return y
@@ -98,9 +101,9 @@ def _linear_in_float32_pieces(x, weight, scale=None):
     return y.to(x.dtype)
 
 
-# `_weight_int8pack_mm` reads int8 weights from memory at ~9-12 GB/s for one
-# bfloat16 row (2 cores; it is compute-bound: 4-6 GB/s on one), but its cost
-# grows with every row (16384x2048: ~4 ms for one row, ~9 for 8, ~42 for
+# `_weight_int8pack_mm` (one row only where `cpu_matvec` is not built) reads
+# int8 weights from memory at ~9-12 GB/s for one bfloat16 row (2 cores; it
+# is compute-bound: 4-6 GB/s on one), but its cost grows with every row (16384x2048: ~4 ms for one row, ~9 for 8, ~42 for
 # 32, ~84 for 64) and it is 10-40x slower with float32 rows. The float32
 # pieces above grow more slowly (~32 ms for 32 rows, ~45 for 48): over the
 # four 2B kernel shapes the two tie at ~32 rows.
