@@ -1,8 +1,9 @@
-"""One-row products `x @ weight.T` on x86 CPUs, in a small AVX2 kernel
-(`cpu_matvec.c`) built with the system C compiler on first use.
+"""Products `x @ weight.T` of a few rows (decoding: one per sequence) on x86
+CPUs, in a small AVX2 kernel (`cpu_matvec.c`) built with the system C
+compiler on first use.
 
 Why: decoding one token reads every weight once, so its speed is the speed
-at which one-row products stream weights from memory. On CPUs without
+at which these products stream weights from memory. On CPUs without
 bfloat16 or VNNI instructions the stock kernels convert low-precision
 weights too slowly to keep up with memory; measured on the 2-core AVX2 EPYC
 the benchmarks ran on (`benchmarks/cpu_kernels.py --backend torch`),
@@ -45,6 +46,7 @@ _FUNCTIONS = {torch.bfloat16: "matvec_bf16", torch.int8: "matvec_i8"}
 # Below this many weight bytes per thread, waking a second thread costs more
 # than it saves.
 _BYTES_PER_THREAD = 1 << 18
+MAX_ROWS = 16
 
 
 def _cpu_has_avx2_and_fma():
@@ -104,13 +106,13 @@ def _library():
         return None
     for name in _FUNCTIONS.values():
         function = getattr(library, name)
-        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
         function.restype = None
     return library
 
 
 def matvec(x, weight, scale=None):
-    """`(x @ weight.T) * scale` for one row `x` `[1, in]` and a contiguous
+    """`(x @ weight.T) * scale` for `x` `[rows, in]` (up to `MAX_ROWS`) and a contiguous
     `[out, in]` `weight` (bfloat16 or int8) on CPU, accumulated in
     float32 and returned in `x`'s dtype; `scale` is `[out]` or None.
     Returns None where the kernel does not apply, so callers fall back."""
@@ -120,7 +122,7 @@ def matvec(x, weight, scale=None):
         or x.device.type != "cpu"
         or weight.device.type != "cpu"
         or x.dim() != 2
-        or x.shape[0] != 1
+        or not 1 <= x.shape[0] <= MAX_ROWS
         or not weight.is_contiguous()
         or _library() is None
     ):
@@ -130,7 +132,7 @@ def matvec(x, weight, scale=None):
     rows = x.to(torch.float32).contiguous()
     if scale is not None:
         scale = scale.to(torch.float32).contiguous()
-    y = torch.empty(out_dim, dtype=torch.float32)
+    y = torch.empty(x.shape[0], out_dim, dtype=torch.float32)
     threads = max(1, min(torch.get_num_threads(), weight.nbytes // _BYTES_PER_THREAD))
     function(
         rows.data_ptr(),
@@ -139,6 +141,7 @@ def matvec(x, weight, scale=None):
         y.data_ptr(),
         in_dim,
         out_dim,
+        x.shape[0],
         threads,
     )
-    return y[None].to(x.dtype)
+    return y.to(x.dtype)

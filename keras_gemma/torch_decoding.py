@@ -73,7 +73,7 @@ def _linear(x, weight):
     distinct 2048x16384 matrices; the two are equal, ~13 GB/s, on the AVX2
     EPYCs)."""
     if x.device.type == "cpu":
-        if x.shape[0] == 1 and (y := cpu_matvec.matvec(x, weight)) is not None:
+        if (y := cpu_matvec.matvec(x, weight)) is not None:
             return y
         if x.dtype == torch.float32 and _has_onednn_linear():
             return _onednn_linear(x, weight)
@@ -101,18 +101,19 @@ def _linear_in_float32_pieces(x, weight, scale=None):
     return y.to(x.dtype)
 
 
-# `_weight_int8pack_mm` (one row only where `cpu_matvec` is not built) reads
-# int8 weights from memory at ~9-12 GB/s for one bfloat16 row (2 cores; it
-# is compute-bound: 4-6 GB/s on one), but its cost grows with every row (16384x2048: ~4 ms for one row, ~9 for 8, ~42 for
-# 32, ~84 for 64) and it is 10-40x slower with float32 rows. The float32
-# pieces above grow more slowly (~32 ms for 32 rows, ~45 for 48): over the
-# four 2B kernel shapes the two tie at ~32 rows.
+# `_weight_int8pack_mm` (where `cpu_matvec` is not built or past its rows)
+# reads int8 weights from memory at ~9-12 GB/s for one bfloat16 row (2
+# cores; it is compute-bound: 4-6 GB/s on one), but its cost grows with
+# every row (16384x2048: ~4 ms for one row, ~9 for 8, ~42 for 32, ~84 for
+# 64) and it is 10-40x slower with float32 rows. The float32 pieces above
+# grow more slowly (~32 ms for 32 rows, ~45 for 48): over the four 2B
+# kernel shapes the two tie at ~32 rows.
 _INT8PACK_MAX_ROWS = 32
 
 
 def _int8_linear(x, kernel, scale):
     """`(x @ kernel.T) * scale` for int8 `kernel` `[out, in]` on CPU."""
-    if x.shape[0] == 1 and (y := cpu_matvec.matvec(x, kernel, scale)) is not None:
+    if (y := cpu_matvec.matvec(x, kernel, scale)) is not None:
         return y
     _, in_dim = kernel.shape
     # The kernel also reads garbage or crashes (segfault) on bfloat16 rows

@@ -18,7 +18,7 @@ def _kernel_or_skip():
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("in_dim", [64, 75])  # 75: a tail past the 32-wide body
+@pytest.mark.parametrize("in_dim", [64, 75])  # 75: tails past the 16- and 32-wide bodies
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])
 def test_matvec_equals_float64(monkeypatch, weights, in_dim, threads):
     import torch
@@ -34,20 +34,22 @@ def test_matvec_equals_float64(monkeypatch, weights, in_dim, threads):
     else:
         weight = torch.from_numpy(rng.standard_normal((37, in_dim))).to(torch.bfloat16)
         scale = None
-    # A bfloat16 row, and a float32 row that is a strided view.
-    rows = torch.from_numpy(rng.standard_normal((2, in_dim)))
-    for x in (rows[:1].to(torch.bfloat16), rows.float().T[:, :1].T):
-        expected = x.double() @ weight.double().T
-        if scale is not None:
-            expected = expected * scale.double()
-        result = cpu_matvec.matvec(x, weight, scale)
-        assert result.dtype == x.dtype and tuple(result.shape) == (1, 37)
-        tolerance = 1e-5 if x.dtype == torch.float32 else 1e-2
-        np.testing.assert_allclose(
-            result.double().numpy(),
-            expected.numpy(),
-            atol=tolerance * expected.abs().max().item(),
-        )
+    rows = torch.from_numpy(rng.standard_normal((cpu_matvec.MAX_ROWS, in_dim)))
+    # 1 to 7 rows are each of the kernel's row groups (4, 3, 2, 1, and
+    # a 4 then the rest); bfloat16 rows, and float32 rows in a strided view.
+    for count in (*range(1, 8), cpu_matvec.MAX_ROWS):
+        for x in (rows[:count].to(torch.bfloat16), rows.float().T[:, :count].T):
+            expected = x.double() @ weight.double().T
+            if scale is not None:
+                expected = expected * scale.double()
+            result = cpu_matvec.matvec(x, weight, scale)
+            assert result.dtype == x.dtype and tuple(result.shape) == (count, 37)
+            tolerance = 1e-5 if x.dtype == torch.float32 else 1e-2
+            np.testing.assert_allclose(
+                result.double().numpy(),
+                expected.numpy(),
+                atol=tolerance * expected.abs().max().item(),
+            )
 
 
 def test_matvec_declines_what_it_does_not_compute():
@@ -55,7 +57,7 @@ def test_matvec_declines_what_it_does_not_compute():
 
     cpu_matvec = _kernel_or_skip()
     weight = torch.ones(8, 32, dtype=torch.bfloat16)
-    assert cpu_matvec.matvec(torch.ones(2, 32), weight) is None  # two rows
+    assert cpu_matvec.matvec(torch.ones(cpu_matvec.MAX_ROWS + 1, 32), weight) is None
     assert cpu_matvec.matvec(torch.ones(1, 32), weight.float()) is None  # oneDNN's
     assert cpu_matvec.matvec(torch.ones(1, 16), weight[:, ::2]) is None  # not contiguous
 

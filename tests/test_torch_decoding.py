@@ -98,12 +98,15 @@ def test_int8_activations_generate_through_the_keras_forward():
     assert torch_decoding.supports(_prepare("int8").backbone)
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("in_dim", [24, 32])  # `_weight_int8pack_mm` is wrong on 24 in bf16
-def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype, in_dim):
+def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype, in_dim, native):
     import torch
 
     from keras_gemma import torch_decoding
+
+    _use_cpu_matvec(monkeypatch, native)
 
     rng = np.random.default_rng(0)
     kernel = torch.from_numpy(rng.integers(-127, 128, (37, in_dim), dtype=np.int8))
@@ -131,12 +134,26 @@ def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype,
         )
 
 
+def _use_cpu_matvec(monkeypatch, native):
+    """Run the products through `cpu_matvec` (skip where it is not built) or
+    through PyTorch's kernels only."""
+    from keras_gemma import cpu_matvec
+
+    if not native:
+        monkeypatch.setattr(cpu_matvec, "matvec", lambda *args: None)
+    elif cpu_matvec._library() is None:
+        pytest.skip("cpu_matvec is not built here (no AVX2 + FMA or no C compiler)")
+
+
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype, onednn):
+def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype, onednn, native):
     import torch
 
     from keras_gemma import torch_decoding
+
+    _use_cpu_matvec(monkeypatch, native)
 
     if onednn and not torch_decoding._has_onednn_linear():
         pytest.skip("this torch build has no oneDNN")
