@@ -101,6 +101,9 @@ def _library():
     try:
         library = _build()
     except (OSError, subprocess.SubprocessError) as error:
+        stderr = getattr(error, "stderr", None)
+        if stderr:  # the compiler's own words say what is missing
+            error = stderr.decode(errors="replace").strip().splitlines()[-1]
         warnings.warn(
             f"keras_gemma could not build its CPU decoding kernel ({error}); decoding on "
             "CPU uses PyTorch's kernels instead, which are slower for bfloat16 and int8 "

@@ -1,4 +1,4 @@
-"""The AVX2 one-row kernel equals float64 products, and falls back cleanly."""
+"""The AVX2 decode-step kernel equals float64 products, and falls back cleanly."""
 
 import keras
 import numpy as np
@@ -110,5 +110,26 @@ def test_turned_off_by_the_environment(monkeypatch):
     cpu_matvec._library.cache_clear()
     try:
         assert cpu_matvec.matvec(torch.ones(1, 32), torch.ones(8, 32).bfloat16()) is None
+    finally:
+        cpu_matvec._library.cache_clear()
+
+
+def test_a_failing_compiler_is_quoted(monkeypatch, tmp_path):
+    import torch
+
+    from keras_gemma import cpu_matvec
+
+    if not cpu_matvec._cpu_has_avx2_and_fma():
+        pytest.skip("the kernel is never built on this CPU")
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\necho 'cc: fatal error: no OpenMP here' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path / "cache"))
+    cpu_matvec._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no OpenMP here"):
+            assert cpu_matvec.matvec(torch.ones(1, 32), torch.ones(8, 32).bfloat16()) is None
+        assert list((tmp_path / "cache").iterdir()) == []
     finally:
         cpu_matvec._library.cache_clear()
