@@ -1,5 +1,5 @@
 /* Matrix-vector products y = (x @ W.T) * scale of a few float32 rows x [rows, in] and a
- * row-major [out, in] W of bfloat16 or int8, accumulated in float32, on
+ * row-major [out, in] W of float32, bfloat16 or int8, accumulated in float32, on
  * AVX2 + FMA: the products of decoding, one row per sequence.
  *
  * Each row of W is read from memory once, front to back, with a software
@@ -23,6 +23,8 @@ static inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+static inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+
 /* bfloat16 is the top half of a float32. */
 static inline __m256 load8_bf16(const uint16_t* p) {
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
@@ -38,6 +40,7 @@ static inline float scalar_bf16(uint16_t v) {
     return bits.f;
 }
 static inline float scalar_i8(int8_t v) { return (float)v; }
+static inline float scalar_f32(float v) { return v; }
 
 /* Sums of x[i] . row for R rows of x (R a constant, so the loops unroll). */
 #define DOT(NAME, T, LOAD8, SCALAR, R)                                                    \
@@ -65,6 +68,8 @@ static inline float scalar_i8(int8_t v) { return (float)v; }
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
         for (int64_t k = 0; k < body; k += 32) {                                          \
             _mm_prefetch((const char*)(row + k) + PREFETCH_BYTES, _MM_HINT_T0);           \
+            if (sizeof(T) == 4) /* 32 float32 span two lines */                           \
+                _mm_prefetch((const char*)(row + k) + PREFETCH_BYTES + 64, _MM_HINT_T0);  \
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), LOAD8(row + k), a0);             \
             a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), LOAD8(row + k + 8), a1);     \
             a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), LOAD8(row + k + 16), a2);   \
@@ -106,3 +111,4 @@ static inline float scalar_i8(int8_t v) { return (float)v; }
 
 MATVEC(matvec_bf16, uint16_t, load8_bf16, scalar_bf16)
 MATVEC(matvec_i8, int8_t, load8_i8, scalar_i8)
+MATVEC(matvec_f32, float, load8_f32, scalar_f32)

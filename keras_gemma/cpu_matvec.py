@@ -8,7 +8,12 @@ bfloat16 or VNNI instructions the stock kernels convert low-precision
 weights too slowly to keep up with memory; measured on the 2-core AVX2 EPYC
 the benchmarks ran on (`benchmarks/cpu_kernels.py --backend torch`),
 `_weight_int8pack_mm` reads int8 at ~7-9 GB/s and `torch.mv` bfloat16 at
-~12, against ~12-14 and ~13-16 for this kernel.
+~12, against ~12-14 and ~13-16 for this kernel. For float32 the stock
+kernel, oneDNN's, streams one row as fast, but costs ~0.1 ms more per call
+on small matrices and reads several rows at half speed (2-8 rows of
+32000x512: 8-10 ms against 4-7), so this kernel takes float32 too (small
+config, `benchmarks/generation_speed.py --backend torch`: ~43 -> 50-63
+tokens/s).
 
 It is optional: without x86-64 Linux, AVX2 and FMA, or a working `cc`,
 `matvec` returns None and `torch_decoding` uses the stock kernels;
@@ -40,9 +45,7 @@ import torch
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_matvec.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
-# float32 weights are left to oneDNN, which streams them as fast (~11-13
-# GB/s) and made small-config decoding 25% slower when this kernel took them.
-_FUNCTIONS = {torch.bfloat16: "matvec_bf16", torch.int8: "matvec_i8"}
+_FUNCTIONS = {torch.bfloat16: "matvec_bf16", torch.int8: "matvec_i8", torch.float32: "matvec_f32"}
 # Below this many weight bytes per thread, waking a second thread costs more
 # than it saves.
 _BYTES_PER_THREAD = 1 << 18
@@ -121,7 +124,7 @@ def _library():
 
 def matvec(x, weight, scale=None):
     """`(x @ weight.T) * scale` for `x` `[rows, in]` (up to `MAX_ROWS`) and a contiguous
-    `[out, in]` `weight` (bfloat16 or int8) on CPU, accumulated in
+    `[out, in]` `weight` (float32, bfloat16 or int8) on CPU, accumulated in
     float32 and returned in `x`'s dtype; `scale` is `[out]` or None.
     Returns None where the kernel does not apply, so callers fall back."""
     function = _FUNCTIONS.get(weight.dtype)

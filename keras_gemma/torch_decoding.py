@@ -6,8 +6,8 @@ a small model is ~100 layer calls and ~300 ops. Measured on the benchmark
 config (6 layers, hidden 512): 23.6 ms per step through Keras, of which the
 matrix products are 7.5 ms; this module runs the same step in ~8 ms.
 It also picks the fast CPU kernels: `cpu_matvec`'s AVX2 kernel for up to 16
-rows of bfloat16 or int8 weights (decode steps), and
-`aten._weight_int8pack_mm` and `F.linear` for more rows, all of which want
+rows (decode steps), and oneDNN, `aten._weight_int8pack_mm` and `F.linear`
+for more rows or where that kernel is not built, all of which want
 `[out, in]` storage, the layout every Gemma kernel is stored in (see
 `GemmaAttention`).
 
@@ -67,11 +67,11 @@ _FLOAT32_PIECE = 1 << 21  # weights per piece: 8 MB of float32
 
 
 def _linear(x, weight):
-    """`x @ weight.T` for an `[out, in]` weight. A few bfloat16 rows go through
-    `cpu_matvec` where it is built; else one goes through `torch.mv`, whose kernel streamed
-    weights at ~25 GB/s against ~20 GB/s for `F.linear` on an AMX Xeon (30
-    distinct 2048x16384 matrices; the two are equal, ~13 GB/s, on the AVX2
-    EPYCs)."""
+    """`x @ weight.T` for an `[out, in]` weight. A few rows go through
+    `cpu_matvec` where it is built; else one bfloat16 row goes through
+    `torch.mv`, whose kernel streamed weights at ~25 GB/s against ~20 GB/s
+    for `F.linear` on an AMX Xeon (30 distinct 2048x16384 matrices; the two
+    are equal, ~13 GB/s, on the AVX2 EPYCs)."""
     if x.device.type == "cpu":
         if (y := cpu_matvec.matvec(x, weight)) is not None:
             return y
