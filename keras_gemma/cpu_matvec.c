@@ -62,8 +62,11 @@ static inline float scalar_f32(float v) { return v; }
             for (int64_t k = body; k < in; k++) sum += x[i * in + k] * SCALAR(row[k]);    \
             sums[i] = sum;                                                                \
         }                                                                                 \
-    }                                                                                     \
-    static inline void NAME##_one(const float* x, const T* row, int64_t in, float* sums) { \
+    }
+
+/* The same for one row of x, with four accumulators over 32 weights. */
+#define DOT1(NAME, T, LOAD8, SCALAR)                                                      \
+    static inline void NAME(const float* x, const T* row, int64_t in, float* sums) {      \
         const int64_t body = in & ~(int64_t)31;                                           \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
         for (int64_t k = 0; k < body; k += 32) {                                          \
@@ -89,6 +92,7 @@ static inline float scalar_f32(float v) { return v; }
     DOT(NAME##_dot4, T, LOAD8, SCALAR, 4)                                                 \
     DOT(NAME##_dot3, T, LOAD8, SCALAR, 3)                                                 \
     DOT(NAME##_dot2, T, LOAD8, SCALAR, 2)                                                 \
+    DOT1(NAME##_dot1, T, LOAD8, SCALAR)                                                   \
     void NAME(const float* x, const T* w, const float* scale, float* y, int64_t in,       \
               int64_t out, int64_t rows, int threads) {                                   \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)") \
@@ -102,7 +106,7 @@ static inline float scalar_f32(float v) { return v; }
                 if (count == 4) NAME##_dot4(xs, row, in, sums);                           \
                 else if (count == 3) NAME##_dot3(xs, row, in, sums);                      \
                 else if (count == 2) NAME##_dot2(xs, row, in, sums);                      \
-                else NAME##_dot4_one(xs, row, in, sums);                                  \
+                else NAME##_dot1(xs, row, in, sums);                                      \
                 for (int64_t i = 0; i < count; i++)                                       \
                     y[(first + i) * out + n] = sums[i] * factor;                          \
             }                                                                             \
