@@ -1,6 +1,6 @@
-/* Matrix-vector products y = (x @ W.T) * scale of a few float32 rows x [rows, in] and a
- * row-major [out, in] W of float32, bfloat16 or int8, accumulated in float32, on
- * AVX2 + FMA: the products of decoding, one row per sequence.
+/* Matrix-vector products y = (x @ W.T) * scale of a few float32 or bfloat16 rows x
+ * [rows, in] and a row-major [out, in] W of float32, bfloat16 or int8, accumulated in
+ * float32, on AVX2 + FMA: the products of decoding, one row per sequence.
  *
  * Each row of W is read from memory once, front to back, with a software
  * prefetch a kilobyte ahead, and multiplied by every row of x (up to four
@@ -12,7 +12,9 @@
  * keras_gemma/cpu_matvec.py builds, loads and calls this file.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define PREFETCH_BYTES 1024
 
@@ -83,34 +85,85 @@ static inline float scalar_f32(float v) { return v; }
         sums[0] = sum;                                                                    \
     }
 
-/* `scale` may be NULL. The threads are OpenMP's: linked by soname, libgomp.so.1
+/* Round to nearest even, as PyTorch's float -> bfloat16 does (NaN -> 0x7FC0). */
+static inline uint16_t to_bf16(float v) {
+    union { float f; uint32_t u; } bits = {v};
+    return v != v ? 0x7FC0 : (bits.u + 0x7FFF + ((bits.u >> 16) & 1)) >> 16;
+}
+
+static inline void store(void* y, int64_t i, float v, int y_bf16) {
+    if (y_bf16) ((uint16_t*)y)[i] = to_bf16(v);
+    else ((float*)y)[i] = v;
+}
+
+/* The rows as float32: converted from bfloat16, and with `norm` Gemma's RMS
+ * normalization `x * rsqrt(mean(x^2) + eps) * norm` in float32, rounded to
+ * the rows' dtype as the model's layer rounds it. NULL where x serves as is. */
+static float* float32_rows(const void* x, int x_bf16, const float* norm, float eps,
+                           int64_t rows, int64_t in) {
+    if (!x_bf16 && !norm) return NULL;
+    float* out = (float*)malloc(rows * in * sizeof(float));
+    if (!out) return NULL;
+    for (int64_t i = 0; i < rows * in; i++)
+        out[i] = x_bf16 ? scalar_bf16(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+    for (int64_t r = 0; norm && r < rows; r++) {
+        float* row = out + r * in;
+        float squares = 0.0f;
+        for (int64_t k = 0; k < in; k++) squares += row[k] * row[k];
+        const float inverse = 1.0f / sqrtf(squares / (float)in + eps);
+        for (int64_t k = 0; k < in; k++) {
+            row[k] = row[k] * inverse * norm[k];
+            if (x_bf16) row[k] = scalar_bf16(to_bf16(row[k]));
+        }
+    }
+    return out;
+}
+
+/* y[m] = (x @ w[m].T) * scale[m] for `count` matrices w[m] [outs[m], in] that
+ * share x [rows, in] (a layer's query, key and value projections): one pass
+ * of the threads over all their rows, so small matrices cost no call and no
+ * wake-up of their own. x and y are float32 or bfloat16 (flags); scale[m]
+ * may be NULL; with `norm`, x is RMS-normalized first (float32_rows). The threads are OpenMP's: linked by soname, libgomp.so.1
  * resolves to the copy PyTorch already loaded, so they are PyTorch's own
  * workers. Threads of our own ran beside those workers while they spun idle
  * after PyTorch's last parallel op, and 2B int8 decoding was 15% slower than
  * PyTorch's kernel instead of 1.5x faster. */
+#define MAX_MATRICES 8
 #define MATVEC(NAME, T, LOAD8, SCALAR)                                                    \
     DOT(NAME##_dot4, T, LOAD8, SCALAR, 4)                                                 \
     DOT(NAME##_dot3, T, LOAD8, SCALAR, 3)                                                 \
     DOT(NAME##_dot2, T, LOAD8, SCALAR, 2)                                                 \
     DOT1(NAME##_dot1, T, LOAD8, SCALAR)                                                   \
-    void NAME(const float* x, const T* w, const float* scale, float* y, int64_t in,       \
-              int64_t out, int64_t rows, int threads) {                                   \
+    int NAME(const void* x_in, int x_bf16, const float* norm, float eps, int count,       \
+             const void* const* ws, const float* const* scales, void* const* ys,          \
+             const int64_t* outs, int y_bf16, int64_t in, int64_t rows, int threads) {    \
+        if (count < 1 || count > MAX_MATRICES) return -1;                                 \
+        int64_t starts[MAX_MATRICES + 1] = {0};                                           \
+        for (int m = 0; m < count; m++) starts[m + 1] = starts[m] + outs[m];              \
+        float* converted = float32_rows(x_in, x_bf16, norm, eps, rows, in);               \
+        if (!converted && (x_bf16 || norm)) return -1;                                    \
+        const float* x = converted ? converted : (const float*)x_in;                      \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)") \
-        for (int64_t n = 0; n < out; n++) {                                               \
-            const T* row = w + n * in;                                                    \
-            const float factor = scale ? scale[n] : 1.0f; /* exact when 1 */              \
+        for (int64_t t = 0; t < starts[count]; t++) {                                     \
+            int m = 0;                                                                    \
+            while (t >= starts[m + 1]) m++;                                               \
+            const int64_t n = t - starts[m];                                              \
+            const T* row = (const T*)ws[m] + n * in;                                      \
+            const float factor = scales[m] ? scales[m][n] : 1.0f; /* exact when 1 */      \
             float sums[4];                                                                \
             for (int64_t first = 0; first < rows; first += 4) {                           \
                 const float* xs = x + first * in;                                         \
-                const int64_t count = rows - first < 4 ? rows - first : 4;                \
-                if (count == 4) NAME##_dot4(xs, row, in, sums);                           \
-                else if (count == 3) NAME##_dot3(xs, row, in, sums);                      \
-                else if (count == 2) NAME##_dot2(xs, row, in, sums);                      \
+                const int64_t group = rows - first < 4 ? rows - first : 4;                \
+                if (group == 4) NAME##_dot4(xs, row, in, sums);                           \
+                else if (group == 3) NAME##_dot3(xs, row, in, sums);                      \
+                else if (group == 2) NAME##_dot2(xs, row, in, sums);                      \
                 else NAME##_dot1(xs, row, in, sums);                                      \
-                for (int64_t i = 0; i < count; i++)                                       \
-                    y[(first + i) * out + n] = sums[i] * factor;                          \
+                for (int64_t i = 0; i < group; i++)                                       \
+                    store(ys[m], (first + i) * outs[m] + n, sums[i] * factor, y_bf16);    \
             }                                                                             \
         }                                                                                 \
+        free(converted);                                                                  \
+        return 0;                                                                         \
     }
 
 MATVEC(matvec_bf16, uint16_t, load8_bf16, scalar_bf16)

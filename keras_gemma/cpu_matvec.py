@@ -55,6 +55,7 @@ _BYTES_PER_THREAD = 1 << 18
 # int8, 17 ms for 16 rows (int8pack 22), 35 for 32 (35). Prefill and larger
 # batches keep PyTorch's kernels.
 MAX_ROWS = 16
+MAX_MATRICES = 8  # cpu_matvec.c's own limit
 
 
 def _cpu_has_avx2_and_fma():
@@ -117,9 +118,107 @@ def _library():
         return None
     for name in _FUNCTIONS.values():
         function = getattr(library, name)
-        function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-        function.restype = None
+        function.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float]
+        function.argtypes += [ctypes.c_int] + [ctypes.c_void_p] * 4
+        function.argtypes += [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        function.restype = ctypes.c_int
     return library
+
+
+def _pointers(ctype, values):
+    return (ctype * len(values))(*values)
+
+
+class Products:
+    """`x -> [(x @ w.T) * s for w, s in zip(weights, scales)]` in one kernel
+    call, for matrices that share their input (a layer's query, key and
+    value projections). Build it with `prepare`, once per set of weights:
+    the call then costs a few microseconds of Python instead of tens.
+
+    It keeps the weights alive but reads them at each call, so it computes
+    with their current values as long as their storage is not replaced.
+    """
+
+    def __init__(self, function, weights, scales):
+        self._function = function
+        self._weights = weights
+        self._scales = [None if s is None else s.to(torch.float32).contiguous() for s in scales]
+        self._in = weights[0].shape[1]
+        self._outs = [weight.shape[0] for weight in weights]
+        self._weight_pointers = _pointers(ctypes.c_void_p, [w.data_ptr() for w in weights])
+        self._scale_pointers = _pointers(
+            ctypes.c_void_p, [None if s is None else s.data_ptr() for s in self._scales]
+        )
+        self._out_sizes = _pointers(ctypes.c_int64, self._outs)
+        self._nbytes = sum(weight.nbytes for weight in weights)
+
+    def __call__(self, x, norm=None, epsilon=1e-6):
+        """The products for `x` `[rows, in]`, each in `x`'s dtype, or None
+        where the kernel does not apply (past `MAX_ROWS` rows, not on CPU).
+
+        With `norm` (`[in]` float32, Gemma's `1 + scale`), the products of
+        the RMS-normalized `x`, normalized in float32 and rounded to `x`'s
+        dtype as `RMSNormalization` does: one call fewer per product.
+        """
+        if (
+            x.device.type != "cpu"
+            or x.dim() != 2
+            or not 1 <= x.shape[0] <= MAX_ROWS
+            or x.shape[1] != self._in
+            or (norm is not None and tuple(norm.shape) != (self._in,))
+        ):
+            return None
+        if norm is not None:
+            norm = norm.to(torch.float32).contiguous()
+        dtype = x.dtype
+        if dtype not in (torch.float32, torch.bfloat16):
+            x = x.to(torch.float32)
+        x = x.contiguous()
+        rows, low_precision = x.shape[0], x.dtype == torch.bfloat16
+        ys = [torch.empty(rows, out, dtype=x.dtype) for out in self._outs]
+        threads = max(1, min(torch.get_num_threads(), self._nbytes // _BYTES_PER_THREAD))
+        status = self._function(
+            x.data_ptr(),
+            low_precision,
+            None if norm is None else norm.data_ptr(),
+            epsilon,
+            len(ys),
+            self._weight_pointers,
+            self._scale_pointers,
+            _pointers(ctypes.c_void_p, [y.data_ptr() for y in ys]),
+            self._out_sizes,
+            low_precision,
+            self._in,
+            rows,
+            threads,
+        )
+        if status != 0:  # out of memory for the float32 rows
+            return None
+        return ys if x.dtype == dtype else [y.to(dtype) for y in ys]
+
+
+def prepare(weights, scales=None):
+    """`Products` of contiguous `[out, in]` CPU `weights` (float32, bfloat16
+    or int8, all one dtype and `in`; up to `MAX_MATRICES`) and their `[out]`
+    `scales` (or None), or None where the kernel cannot serve them."""
+    scales = [None] * len(weights) if scales is None else list(scales)
+    first = weights[0]
+    if (
+        first.dtype not in _FUNCTIONS
+        or not 1 <= len(weights) <= MAX_MATRICES
+        or len(scales) != len(weights)
+        or any(
+            w.dtype != first.dtype
+            or w.dim() != 2
+            or w.shape[1] != first.shape[1]
+            or w.device.type != "cpu"
+            or not w.is_contiguous()
+            for w in weights
+        )
+        or _library() is None
+    ):
+        return None
+    return Products(getattr(_library(), _FUNCTIONS[first.dtype]), list(weights), scales)
 
 
 def matvec(x, weight, scale=None):
@@ -127,32 +226,6 @@ def matvec(x, weight, scale=None):
     `[out, in]` `weight` (float32, bfloat16 or int8) on CPU, accumulated in
     float32 and returned in `x`'s dtype; `scale` is `[out]` or None.
     Returns None where the kernel does not apply, so callers fall back."""
-    function = _FUNCTIONS.get(weight.dtype)
-    if (
-        function is None
-        or x.device.type != "cpu"
-        or weight.device.type != "cpu"
-        or x.dim() != 2
-        or not 1 <= x.shape[0] <= MAX_ROWS
-        or not weight.is_contiguous()
-        or _library() is None
-    ):
-        return None
-    function = getattr(_library(), function)
-    out_dim, in_dim = weight.shape
-    rows = x.to(torch.float32).contiguous()
-    if scale is not None:
-        scale = scale.to(torch.float32).contiguous()
-    y = torch.empty(x.shape[0], out_dim, dtype=torch.float32)
-    threads = max(1, min(torch.get_num_threads(), weight.nbytes // _BYTES_PER_THREAD))
-    function(
-        rows.data_ptr(),
-        weight.data_ptr(),
-        scale.data_ptr() if scale is not None else None,
-        y.data_ptr(),
-        in_dim,
-        out_dim,
-        x.shape[0],
-        threads,
-    )
-    return y.to(x.dtype)
+    products = prepare([weight], [scale])
+    ys = None if products is None else products(x)
+    return None if ys is None else ys[0]

@@ -67,14 +67,12 @@ _FLOAT32_PIECE = 1 << 21  # weights per piece: 8 MB of float32
 
 
 def _linear(x, weight):
-    """`x @ weight.T` for an `[out, in]` weight. A few rows go through
-    `cpu_matvec` where it is built; else one bfloat16 row goes through
-    `torch.mv`, whose kernel streamed weights at ~25 GB/s against ~20 GB/s
-    for `F.linear` on an AMX Xeon (30 distinct 2048x16384 matrices; the two
-    are equal, ~13 GB/s, on the AVX2 EPYCs)."""
+    """`x @ weight.T` for an `[out, in]` weight, where `cpu_matvec` does not
+    apply. One bfloat16 row goes through `torch.mv`, whose kernel streamed
+    weights at ~25 GB/s against ~20 GB/s for `F.linear` on an AMX Xeon (30
+    distinct 2048x16384 matrices; the two are equal, ~13 GB/s, on the AVX2
+    EPYCs)."""
     if x.device.type == "cpu":
-        if (y := cpu_matvec.matvec(x, weight)) is not None:
-            return y
         if x.dtype == torch.float32 and _has_onednn_linear():
             return _onednn_linear(x, weight)
         if x.dtype != torch.float32 and x.shape[0] >= _FLOAT32_PIECES_MIN_ROWS:
@@ -113,8 +111,6 @@ _INT8PACK_MAX_ROWS = 32
 
 def _int8_linear(x, kernel, scale):
     """`(x @ kernel.T) * scale` for int8 `kernel` `[out, in]` on CPU."""
-    if (y := cpu_matvec.matvec(x, kernel, scale)) is not None:
-        return y
     _, in_dim = kernel.shape
     # The kernel also reads garbage or crashes (segfault) on bfloat16 rows
     # whose length is not a multiple of 16, or that do not start on a 32-byte
@@ -142,6 +138,7 @@ class _Projection:
             )
         kernel = _value(layer._kernel)
         self.kernel = kernel.reshape(-1, kernel.shape[-1])
+        self.scale = None
         if self.quantized:
             # Keras stores the scale `s` of `q = w * s`; the kernel wants w = q / s.
             self.scale = (1.0 / _value(layer.kernel_scale).reshape(-1)).to(dtype)
@@ -161,10 +158,44 @@ class _Projection:
             y = F.linear(x, self.kernel.to(x.dtype)) * self.scale
         else:
             y = _linear(x, self.kernel)
-        if self.lora is not None:
-            b, a = self.lora
-            y = y + torch.matmul(torch.matmul(x, b), a)
-        return y
+        return self.add_lora(x, y)
+
+    def add_lora(self, x, y):
+        """`y`, the product of `x`, plus the LoRA update of `x` if any."""
+        if self.lora is None:
+            return y
+        b, a = self.lora
+        return y + torch.matmul(torch.matmul(x, b), a)
+
+
+class _Projections:
+    """Several projections of one input, `[rows, in]` -> a `[rows, out]`
+    each, in one `cpu_matvec` call where it applies (decode steps on CPU):
+    a call costs tens of microseconds on top of its weights, and a layer's
+    key and value matrices are small enough for that to be most of theirs."""
+
+    def __init__(self, layers, dtype):
+        self.dtype = dtype
+        self.projections = [_Projection(layer, dtype) for layer in layers]
+        self.native = cpu_matvec.prepare(
+            [p.kernel for p in self.projections], [p.scale for p in self.projections]
+        )
+        self.lora = any(p.lora is not None for p in self.projections)
+
+    def __call__(self, x, norm=None, eps=None):
+        """The projections of `x`, or of `_rms_norm(x, norm, eps)` (in the
+        kernel where it applies: two small ops fewer)."""
+        if norm is not None and (self.native is None or self.lora):
+            # LoRA's update reads the normalized rows too.
+            x, norm = _rms_norm(x, norm, eps, self.dtype), None
+        ys = None
+        if self.native is not None:
+            ys = self.native(x) if norm is None else self.native(x, norm, eps)
+        if ys is None:
+            if norm is not None:
+                x = _rms_norm(x, norm, eps, self.dtype)
+            return [projection(x) for projection in self.projections]
+        return [p.add_lora(x, y) for p, y in zip(self.projections, ys)]
 
 
 class _Block:
@@ -173,13 +204,12 @@ class _Block:
         self.eps = block.layer_norm_epsilon
         self.attention_norm = _norm_scale(block.pre_attention_norm, dtype)
         self.ffw_norm = _norm_scale(block.pre_ffw_norm, dtype)
-        self.query = _Projection(attention.query_dense, dtype)
-        self.key = _Projection(attention.key_dense, dtype)
-        self.value = _Projection(attention.value_dense, dtype)
-        self.output = _Projection(attention.output_dense, dtype)
-        self.gate = _Projection(ffw.ffw_gating, dtype)
-        self.up = _Projection(ffw.ffw_gating_2, dtype)
-        self.down = _Projection(ffw.ffw_linear, dtype)
+        self.query_key_value = _Projections(
+            [attention.query_dense, attention.key_dense, attention.value_dense], dtype
+        )
+        self.output = _Projections([attention.output_dense], dtype)
+        self.gate_up = _Projections([ffw.ffw_gating, ffw.ffw_gating_2], dtype)
+        self.down = _Projections([ffw.ffw_linear], dtype)
 
 
 def _norm_scale(norm, dtype):
@@ -190,6 +220,16 @@ def _norm_scale(norm, dtype):
 
 def _rms_norm(x, scale, eps, dtype):
     return torch.rms_norm(x.float(), (x.shape[-1],), scale, eps).to(dtype)
+
+
+def _matmul(a, b):
+    """`a @ b` rounded to `a`'s dtype. Low precision multiplies in float32 on
+    CPU, which is what its kernels do inside, only faster: decoding's
+    `[8, 256] @ [256, 64]` products take ~130 us in bfloat16 and ~35 with
+    the casts (2B: ~4 ms a step)."""
+    if a.device.type == "cpu" and a.dtype != torch.float32:
+        return torch.matmul(a.float(), b.float()).to(a.dtype)
+    return torch.matmul(a, b)
 
 
 def _rotate(x, cos, sin):
@@ -244,6 +284,7 @@ class TorchDecoder:
             self.embedding_scale = (1.0 / _value(embedding.embeddings_scale)).to(self.dtype)
         else:
             self.embeddings = _value(embedding.embeddings).to(self.dtype)
+        self.native_logits = cpu_matvec.prepare([self.embeddings], [self.embedding_scale])
         self.blocks = [_Block(block, self.dtype) for block in backbone.transformer_layers]
         self.final_norm = _norm_scale(backbone.final_normalization, self.dtype)
         # `rotary_angles`'s frequencies, once: its Keras ops cost more than
@@ -259,6 +300,8 @@ class TorchDecoder:
 
     def logits(self, hidden):
         """Tied output projection, `[rows, hidden] -> [rows, vocab]` float32."""
+        if self.native_logits is not None and (logits := self.native_logits(hidden)):
+            return logits[0].float()
         if self.embedding_scale is None:
             return _linear(hidden, self.embeddings).float()
         if hidden.device.type == "cpu":
@@ -295,25 +338,26 @@ class TorchDecoder:
             # array's storage) is materialized first.
             key_cache, value_cache = key_cache.contiguous(), value_cache.contiguous()
             updated_cache.append((key_cache, value_cache))
-            normed = _rms_norm(x, block.attention_norm, block.eps, self.dtype)
-            query = _rotate(block.query(normed).view(batch, length, -1, h), cos, sin)
-            key = _rotate(block.key(normed).view(batch, length, kv, h), cos, sin)
+            query, key, value = block.query_key_value(x, block.attention_norm, block.eps)
+            query = _rotate(query.view(batch, length, -1, h), cos, sin)
+            key = _rotate(key.view(batch, length, kv, h), cos, sin)
             key_cache[:, start:end] = key.to(key_cache.dtype)
-            value_cache[:, start:end] = block.value(normed).view(batch, length, kv, h)
+            value_cache[:, start:end] = value.view(batch, length, kv, h)
             query = (query * scale).view(batch, length, kv, groups, h)
             query = query.permute(0, 2, 1, 3, 4).reshape(batch, kv, length * groups, h)
             keys = key_cache[:, :end].permute(0, 2, 3, 1)  # [b, k, h, s]
             values = value_cache[:, :end].transpose(1, 2)  # [b, k, s, h]
-            logits = torch.matmul(query, keys).float()
+            logits = _matmul(query, keys).float()
             if causal is not None:
                 logits = logits.masked_fill(~causal, _MASKED_LOGIT)
             probabilities = torch.softmax(logits, dim=-1).to(values.dtype)
-            attended = torch.matmul(probabilities, values)  # [b, k, t*g, h]
+            attended = _matmul(probabilities, values)  # [b, k, t*g, h]
             attended = attended.view(batch, kv, length, groups, h).permute(0, 2, 1, 3, 4)
-            x = x + block.output(attended.reshape(batch * length, -1))
-            normed = _rms_norm(x, block.ffw_norm, block.eps, self.dtype)
-            gate = F.gelu(block.gate(normed), approximate="tanh")
-            x = x + block.down(gate * block.up(normed))
+            (attended,) = block.output(attended.reshape(batch * length, -1))
+            x = x + attended
+            gate, up = block.gate_up(x, block.ffw_norm, block.eps)
+            (down,) = block.down(F.gelu(gate, approximate="tanh") * up)
+            x = x + down
         x = _rms_norm(x, self.final_norm, self.eps, self.dtype)
         return x.view(batch, length, -1), updated_cache
 

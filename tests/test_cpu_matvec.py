@@ -133,3 +133,67 @@ def test_a_failing_compiler_is_quoted(monkeypatch, tmp_path):
         assert list((tmp_path / "cache").iterdir()) == []
     finally:
         cpu_matvec._library.cache_clear()
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_products_of_several_matrices_equal_one_at_a_time(monkeypatch, weights):
+    import torch
+
+    cpu_matvec = _kernel_or_skip()
+    monkeypatch.setattr(cpu_matvec, "_BYTES_PER_THREAD", 1)  # rows split across threads
+    rng = np.random.default_rng(1)
+    # A layer's query, key and value: the threads' rows span all three.
+    if weights == "int8":
+        matrices = [
+            torch.from_numpy(rng.integers(-127, 128, (n, 48), dtype=np.int8)) for n in (32, 8, 8)
+        ]
+        scales = [torch.from_numpy(rng.uniform(0.01, 0.02, len(m))).float() for m in matrices]
+    else:
+        matrices = [torch.from_numpy(rng.standard_normal((n, 48))).float() for n in (32, 8, 8)]
+        scales = [None, None, None]
+    products = cpu_matvec.prepare(matrices, scales)
+    for rows in (1, 5):
+        x = torch.from_numpy(rng.standard_normal((rows, 48))).to(torch.bfloat16)
+        together = products(x)
+        singly = [cpu_matvec.matvec(x.float(), m, s) for m, s in zip(matrices, scales)]
+        for ours, theirs in zip(together, singly):
+            # bfloat16 rows in, bfloat16 out: rounded in C as PyTorch rounds.
+            assert ours.dtype == torch.bfloat16
+            assert torch.equal(ours, theirs.to(torch.bfloat16))
+    assert cpu_matvec.prepare([matrices[0], matrices[1].T.contiguous()]) is None  # other `in`
+    assert products(torch.ones(1, 47)) is None
+
+
+def test_bfloat16_results_round_to_nearest_even_as_pytorch_does():
+    import torch
+
+    cpu_matvec = _kernel_or_skip()
+    # Exact float32 sums halfway between two bfloat16 values, and a NaN.
+    weight = torch.tensor([[1 + 2**-8], [1 + 3 * 2**-8], [-(1 + 2**-8)], [float("nan")]])
+    y = cpu_matvec.matvec(torch.ones(1, 1, dtype=torch.bfloat16), weight)
+    expected = weight.T.to(torch.bfloat16)
+    assert expected[0, :3].tolist() == [1.0, 1.015625, -1.0]
+    assert torch.equal(y[:, :3], expected[:, :3])
+    assert y[0, 3].isnan()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_products_of_rms_normalized_rows_equal_float64(dtype):
+    import torch
+
+    cpu_matvec = _kernel_or_skip()
+    rng = np.random.default_rng(2)
+    weight = torch.from_numpy(rng.standard_normal((24, 75))).to(torch.bfloat16)
+    norm = torch.from_numpy(1 + rng.standard_normal(75)).float()
+    x = torch.from_numpy(rng.standard_normal((3, 75)) * 40).to(getattr(torch, dtype))
+    (y,) = cpu_matvec.prepare([weight])(x, norm, 1e-6)
+    rows = x.double()
+    normalized = rows / torch.sqrt(rows.square().mean(-1, keepdim=True) + 1e-6) * norm.double()
+    # The layer rounds its output to the compute dtype before the product.
+    expected = normalized.to(x.dtype).double() @ weight.double().T
+    tolerance = 1e-5 if dtype == "float32" else 1e-2  # bf16 result
+    assert y.dtype == x.dtype
+    np.testing.assert_allclose(
+        y.double().numpy(), expected.numpy(), atol=tolerance * expected.abs().max().item()
+    )
+    assert cpu_matvec.prepare([weight])(x, norm[:-1], 1e-6) is None  # the norm's length

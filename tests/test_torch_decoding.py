@@ -33,9 +33,11 @@ def _prepare(variant):
     "variant",
     ["mqa", "gqa", "mha", "bfloat16", "mixed_bfloat16", "int8", "bfloat16_int8", "lora"],
 )
-def test_prefill_and_steps_equal_the_keras_forward(variant):
+@pytest.mark.parametrize("native", [True, False])
+def test_prefill_and_steps_equal_the_keras_forward(monkeypatch, variant, native):
     from keras_gemma.torch_decoding import TorchDecoder
 
+    _use_cpu_matvec(monkeypatch, native)
     lm = _prepare(variant)
     ids = keras.ops.convert_to_tensor(
         np.random.default_rng(1).integers(3, lm.backbone.vocabulary_size, (2, 16)), "int32"
@@ -78,8 +80,8 @@ def test_decoder_kernels_are_keras_storage(variant):
     attention = lm.backbone.transformer_layers[0].attention
     # One copy of the weights: each [out, in] matrix is a view of Keras's storage.
     for ours, theirs in (
-        (decoder.blocks[0].query, attention.query_dense),
-        (decoder.blocks[0].output, attention.output_dense),
+        (decoder.blocks[0].query_key_value.projections[0], attention.query_dense),
+        (decoder.blocks[0].output.projections[0], attention.output_dense),
     ):
         assert ours.kernel.is_contiguous()
         assert ours.kernel.data_ptr() == theirs._kernel.value.data_ptr()
@@ -98,15 +100,13 @@ def test_int8_activations_generate_through_the_keras_forward():
     assert torch_decoding.supports(_prepare("int8").backbone)
 
 
-@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("in_dim", [24, 32])  # `_weight_int8pack_mm` is wrong on 24 in bf16
-def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype, in_dim, native):
+def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype, in_dim):
+    """PyTorch's kernels, where `cpu_matvec` (tested on its own) does not apply."""
     import torch
 
     from keras_gemma import torch_decoding
-
-    _use_cpu_matvec(monkeypatch, native)
 
     rng = np.random.default_rng(0)
     kernel = torch.from_numpy(rng.integers(-127, 128, (37, in_dim), dtype=np.int8))
@@ -135,25 +135,23 @@ def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype,
 
 
 def _use_cpu_matvec(monkeypatch, native):
-    """Run the products through `cpu_matvec` (skip where it is not built) or
-    through PyTorch's kernels only."""
+    """Run the decoder's products through `cpu_matvec` (skip where it is not
+    built) or through PyTorch's kernels only."""
     from keras_gemma import cpu_matvec
 
     if not native:
-        monkeypatch.setattr(cpu_matvec, "matvec", lambda *args: None)
+        monkeypatch.setattr(cpu_matvec, "prepare", lambda *args: None)
     elif cpu_matvec._library() is None:
         pytest.skip("cpu_matvec is not built here (no AVX2 + FMA or no C compiler)")
 
 
-@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype, onednn, native):
+def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype, onednn):
+    """PyTorch's kernels, where `cpu_matvec` (tested on its own) does not apply."""
     import torch
 
     from keras_gemma import torch_decoding
-
-    _use_cpu_matvec(monkeypatch, native)
 
     if onednn and not torch_decoding._has_onednn_linear():
         pytest.skip("this torch build has no oneDNN")
