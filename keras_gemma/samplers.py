@@ -92,9 +92,12 @@ class Sampler:
         logits, cache = next(prompt, cache, index)
         token, seed = self._draw(self.compute_probabilities(logits), seed)
         token = ops.cast(token, prompt.dtype)
-        # Positions still inside a (longer) prompt keep the prompt token.
-        token = ops.where(ops.take(mask, index, axis=1), ops.take(prompt, index, axis=1), token)
-        prompt = ops.slice_update(prompt, [0, index], token[:, None])
+        # Write column `index`, except where it is still inside a (longer)
+        # prompt. Elementwise ops: `take` + `slice_update` with a tensor
+        # index cost ~1 ms a step in eager PyTorch, these ~0.05.
+        column = ops.arange(ops.shape(prompt)[1])[None, :] == index
+        write = ops.logical_and(column, ops.logical_not(mask))
+        prompt = ops.where(write, token[:, None], prompt)
         return prompt, cache, index + 1, seed
 
     def __call__(self, next, prompt, cache, index, mask, max_length, stop_token_ids=(), seed=None):
@@ -141,6 +144,12 @@ class GreedySampler(Sampler):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+
+    def compute_probabilities(self, logits):
+        # The most probable token has the largest logit: skipping the softmax
+        # (~0.4 ms a step over 32k logits on a CPU) changes no pick, except
+        # where rounding made two probabilities of unequal logits equal.
+        return ops.cast(logits, "float32")
 
     def get_next_token(self, probabilities):
         return ops.argmax(probabilities, axis=-1)
