@@ -233,8 +233,11 @@ def _matmul(a, b):
 
 
 def _rotate(x, cos, sin):
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    """`apply_rotary` with `cos` = [cos, cos] and `sin` = [-sin, sin] (see
+    `hidden_states`): `[x1, x2] * cos + [x2, x1] * sin` rounds as its
+    `[x1 cos - x2 sin, x2 cos + x1 sin]` does, in 4 ops instead of 9."""
+    rows = x.float()
+    return (rows * cos + rows.roll(rows.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 def supports(backbone):
@@ -323,6 +326,7 @@ class TorchDecoder:
         )
         angles = (positions[:, None] * self.inverse_frequencies[None, :])[None, :, None, :]
         cos, sin = angles.cos(), angles.sin()  # [1, t, 1, h/2]
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
         end = start + length
         # Query t*groups + i is position start + t; keys are cache slots.
         causal = None  # one new position sees every key up to itself
