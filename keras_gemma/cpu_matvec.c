@@ -12,6 +12,7 @@
  * keras_gemma/cpu_matvec.py builds, loads and calls this file.
  */
 #include <immintrin.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -119,17 +120,75 @@ static float* float32_rows(const void* x, int x_bf16, const float* norm, float e
     return out;
 }
 
+/* bfloat16 rows times int8 weights, in integers: each row as int16 times a
+ * power of two (its largest magnitude below 2^14), which holds every element
+ * within 2^6 of the row's largest exactly (bfloat16 has 8 significant bits)
+ * and smaller ones to within 2^-15 of it. vpmaddwd then does 16 weights per
+ * instruction where the float path converts 8 in two; on the EPYC this
+ * streamed int8 at bfloat16's bytes per second (18 GB/s) against 16.
+ * NULL (use the float path) for rows with an inf or NaN, or out of memory. */
+#define MAX_INT16_ROWS 64
+static int16_t* int16_rows(const float* x, int64_t rows, int64_t in, float* row_scales) {
+    if (rows > MAX_INT16_ROWS) return NULL;
+    int16_t* out = (int16_t*)malloc(rows * in * sizeof(int16_t));
+    for (int64_t r = 0; out && r < rows; r++) {
+        const float* row = x + r * in;
+        float largest = 0.0f;
+        for (int64_t k = 0; k < in; k++) {
+            const float magnitude = fabsf(row[k]);
+            if (!(magnitude <= FLT_MAX)) {
+                free(out);
+                return NULL;
+            }
+            largest = magnitude > largest ? magnitude : largest;
+        }
+        int exponent;
+        frexpf(largest, &exponent); /* largest < 2^exponent */
+        const float down = ldexpf(1.0f, 14 - exponent);
+        row_scales[r] = ldexpf(1.0f, exponent - 14);
+        for (int64_t k = 0; k < in; k++) out[r * in + k] = (int16_t)lrintf(row[k] * down);
+    }
+    return out;
+}
+
+/* Exact integer sums over blocks of 4096 weights: an int32 lane then holds
+ * at most 64 products pairs of |w| <= 128 and |x| < 2^14 (2^28 < 2^31 over
+ * the four accumulators), converted to float32 once per block. */
+static inline float dot_i16(const int16_t* x, const int8_t* row, int64_t in) {
+    const int64_t body = in & ~(int64_t)63;
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t block = 0; block < body; block += 4096) {
+        const int64_t end = block + 4096 < body ? block + 4096 : body;
+        __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                        _mm256_setzero_si256()};
+        for (int64_t k = block; k < end; k += 64) {
+            _mm_prefetch((const char*)(row + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            for (int j = 0; j < 4; j++) {
+                __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(row + k + 16 * j)));
+                __m256i v = _mm256_loadu_si256((const __m256i*)(x + k + 16 * j));
+                a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(w, v));
+            }
+        }
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(a[0], a[1]), _mm256_add_epi32(a[2], a[3]));
+        total = _mm256_add_ps(total, _mm256_cvtepi32_ps(sum));
+    }
+    int64_t tail = 0;
+    for (int64_t k = body; k < in; k++) tail += (int64_t)x[k] * row[k];
+    return horizontal_sum(total) + (float)tail;
+}
+
 /* y[m] = (x @ w[m].T) * scale[m] for `count` matrices w[m] [outs[m], in] that
  * share x [rows, in] (a layer's query, key and value projections): one pass
  * of the threads over all their rows, so small matrices cost no call and no
  * wake-up of their own. x and y are float32 or bfloat16 (flags); scale[m]
- * may be NULL; with `norm`, x is RMS-normalized first (float32_rows). The threads are OpenMP's: linked by soname, libgomp.so.1
- * resolves to the copy PyTorch already loaded, so they are PyTorch's own
+ * may be NULL; with `norm`, x is RMS-normalized first (float32_rows); int8
+ * weights take bfloat16 rows in integers (int16_rows). The threads are
+ * OpenMP's: linked by soname, libgomp.so.1 resolves to the copy PyTorch already loaded, so they are PyTorch's own
  * workers. Threads of our own ran beside those workers while they spun idle
  * after PyTorch's last parallel op, and 2B int8 decoding was 15% slower than
  * PyTorch's kernel instead of 1.5x faster. */
 #define MAX_MATRICES 8
-#define MATVEC(NAME, T, LOAD8, SCALAR)                                                    \
+#define MATVEC(NAME, T, LOAD8, SCALAR, INT16)                                             \
     DOT(NAME##_dot4, T, LOAD8, SCALAR, 4)                                                 \
     DOT(NAME##_dot3, T, LOAD8, SCALAR, 3)                                                 \
     DOT(NAME##_dot2, T, LOAD8, SCALAR, 2)                                                 \
@@ -143,6 +202,8 @@ static float* float32_rows(const void* x, int x_bf16, const float* norm, float e
         float* converted = float32_rows(x_in, x_bf16, norm, eps, rows, in);               \
         if (!converted && (x_bf16 || norm)) return -1;                                    \
         const float* x = converted ? converted : (const float*)x_in;                      \
+        float row_scales[MAX_INT16_ROWS];                                                 \
+        int16_t* quantized = INT16 && x_bf16 ? int16_rows(x, rows, in, row_scales) : NULL; \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)") \
         for (int64_t t = 0; t < starts[count]; t++) {                                     \
             int m = 0;                                                                    \
@@ -151,7 +212,11 @@ static float* float32_rows(const void* x, int x_bf16, const float* norm, float e
             const T* row = (const T*)ws[m] + n * in;                                      \
             const float factor = scales[m] ? scales[m][n] : 1.0f; /* exact when 1 */      \
             float sums[4];                                                                \
-            for (int64_t first = 0; first < rows; first += 4) {                           \
+            for (int64_t i = 0; quantized && i < rows; i++) {                             \
+                const float sum = dot_i16(quantized + i * in, (const int8_t*)row, in);    \
+                store(ys[m], i * outs[m] + n, sum * row_scales[i] * factor, y_bf16);      \
+            }                                                                             \
+            for (int64_t first = 0; !quantized && first < rows; first += 4) {             \
                 const float* xs = x + first * in;                                         \
                 const int64_t group = rows - first < 4 ? rows - first : 4;                \
                 if (group == 4) NAME##_dot4(xs, row, in, sums);                           \
@@ -163,9 +228,10 @@ static float* float32_rows(const void* x, int x_bf16, const float* norm, float e
             }                                                                             \
         }                                                                                 \
         free(converted);                                                                  \
+        free(quantized);                                                                  \
         return 0;                                                                         \
     }
 
-MATVEC(matvec_bf16, uint16_t, load8_bf16, scalar_bf16)
-MATVEC(matvec_i8, int8_t, load8_i8, scalar_i8)
-MATVEC(matvec_f32, float, load8_f32, scalar_f32)
+MATVEC(matvec_bf16, uint16_t, load8_bf16, scalar_bf16, 0)
+MATVEC(matvec_i8, int8_t, load8_i8, scalar_i8, 1)
+MATVEC(matvec_f32, float, load8_f32, scalar_f32, 0)

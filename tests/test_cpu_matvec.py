@@ -155,11 +155,10 @@ def test_products_of_several_matrices_equal_one_at_a_time(monkeypatch, weights):
     for rows in (1, 5):
         x = torch.from_numpy(rng.standard_normal((rows, 48))).to(torch.bfloat16)
         together = products(x)
-        singly = [cpu_matvec.matvec(x.float(), m, s) for m, s in zip(matrices, scales)]
+        singly = [cpu_matvec.matvec(x, m, s) for m, s in zip(matrices, scales)]
         for ours, theirs in zip(together, singly):
-            # bfloat16 rows in, bfloat16 out: rounded in C as PyTorch rounds.
             assert ours.dtype == torch.bfloat16
-            assert torch.equal(ours, theirs.to(torch.bfloat16))
+            assert torch.equal(ours, theirs)
     assert cpu_matvec.prepare([matrices[0], matrices[1].T.contiguous()]) is None  # other `in`
     assert products(torch.ones(1, 47)) is None
 
@@ -197,3 +196,16 @@ def test_products_of_rms_normalized_rows_equal_float64(dtype):
         y.double().numpy(), expected.numpy(), atol=tolerance * expected.abs().max().item()
     )
     assert cpu_matvec.prepare([weight])(x, norm[:-1], 1e-6) is None  # the norm's length
+
+
+def test_int8_weights_take_bfloat16_rows_with_infinities_in_floats():
+    import torch
+
+    cpu_matvec = _kernel_or_skip()
+    weight = torch.from_numpy(np.random.default_rng(3).integers(-127, 128, (8, 64), dtype=np.int8))
+    x = torch.ones(2, 64, dtype=torch.bfloat16)
+    x[0, 5] = float("inf")  # no int16 scale for this row: the float path
+    y = cpu_matvec.matvec(x, weight)
+    expected = cpu_matvec.matvec(x.float(), weight).to(torch.bfloat16)
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    assert y[0].isinf().any() and torch.equal(y[1], expected[1])
