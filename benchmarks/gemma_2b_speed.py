@@ -4,6 +4,7 @@
     python benchmarks/gemma_2b_speed.py --keras-hub           # + keras-hub and transformers
     python benchmarks/gemma_2b_speed.py --backend torch --quantize int8
     python benchmarks/gemma_2b_speed.py --backend torch --batch-size 8
+    python benchmarks/gemma_2b_speed.py --int8-versus-bfloat16  # one process, interleaved
 
 Batch 1 (`--batch-size`), a 32-token prompt, 8 new tokens, greedy; tokens/s
 counts the new tokens of every row over the whole call (prefill included)
@@ -83,6 +84,52 @@ def _prompt(args):
     return token_ids
 
 
+def _inputs(args):
+    """The prompt padded for `--new-tokens`, and for one new token."""
+    token_ids = _prompt(args)
+    length = token_ids.shape[1]
+    inputs = {
+        "token_ids": token_ids,
+        "padding_mask": np.broadcast_to(np.arange(length) < args.prompt_length, token_ids.shape),
+    }
+    one_token = {name: value[:, : args.prompt_length + 1] for name, value in inputs.items()}
+    return inputs, one_token
+
+
+def compare_int8(args, repeats=5):
+    """Our bfloat16 and int8 models in one process, their calls interleaved,
+    so the host's drift affects both alike: the int8/bfloat16 speed ratio
+    that separate processes minutes apart measure only to +-15%. Decode time
+    is the median over repeats of (call - one-token call), run back to back."""
+    import keras
+
+    from keras_gemma import GemmaBackbone
+    from keras_gemma import GemmaCausalLM
+
+    models = {
+        "bfloat16": GemmaCausalLM(_random_backbone(GemmaBackbone, args.dtype)),
+        "int8": GemmaCausalLM(GemmaBackbone.from_preset(args.int8_preset)),
+    }
+    inputs, one_token = _inputs(args)
+    calls = {name: ([], []) for name in models}
+    for lm in models.values():
+        lm.compile(sampler="greedy")
+        lm.generate(inputs, stop_token_ids=None)
+        lm.generate(one_token, stop_token_ids=None)
+    for repeat in range(repeats):
+        for name in list(models)[:: 1 if repeat % 2 else -1]:
+            for seconds, call_inputs in zip(calls[name], (inputs, one_token)):
+                start = time.perf_counter()
+                models[name].generate(call_inputs, stop_token_ids=None)
+                seconds.append(time.perf_counter() - start)
+    result = {"backend": keras.config.backend()}
+    for name, (full, one) in calls.items():
+        result[f"{name}_tokens_per_s"] = args.batch_size * args.new_tokens / np.median(full)
+        decode_s = np.median(np.subtract(full, one))
+        result[f"{name}_decode_tokens_per_s"] = args.batch_size * (args.new_tokens - 1) / decode_s
+    return result
+
+
 def _timings(generate, generate_one_token, repeats=3):
     """Seconds of the first call, and the best of `repeats` warm calls and
     warm one-token calls (this host's speed drifts by up to ~30% between
@@ -160,13 +207,7 @@ def measure(args):
         lm.quantize(args.quantize)
     lm.compile(sampler="greedy")
     build_s = time.perf_counter() - start
-    length = args.prompt_length + args.new_tokens
-    token_ids = _prompt(args)
-    inputs = {
-        "token_ids": token_ids,
-        "padding_mask": np.broadcast_to(np.arange(length) < args.prompt_length, token_ids.shape),
-    }
-    one_token = {name: value[:, : args.prompt_length + 1] for name, value in inputs.items()}
+    inputs, one_token = _inputs(args)
     first_s, seconds, one_token_s = _timings(
         lambda: lm.generate(inputs, stop_token_ids=None),
         lambda: lm.generate(one_token, stop_token_ids=None),
@@ -205,7 +246,14 @@ def main():
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--child", choices=["measure", "transformers", "int8-preset"])
+    parser.add_argument(
+        "--int8-versus-bfloat16",
+        action="store_true",
+        help="our int8 and bfloat16 in one process, interleaved (torch unless --backend)",
+    )
+    parser.add_argument(
+        "--child", choices=["measure", "transformers", "int8-preset", "compare-int8"]
+    )
     args = parser.parse_args()
     args.int8_preset = args.int8_preset or f"/tmp/keras_gemma_2b_int8_{args.dtype}"
     if args.child:
@@ -213,6 +261,7 @@ def main():
             "measure": measure,
             "transformers": measure_transformers,
             "int8-preset": make_int8_preset,
+            "compare-int8": compare_int8,
         }[args.child]
         print(json.dumps(child(args)))
         return
@@ -233,8 +282,17 @@ def main():
             return None
         return json.loads(result.stdout.strip().splitlines()[-1])
 
-    if args.quantize and not os.path.isdir(args.int8_preset):
+    if (args.quantize or args.int8_versus_bfloat16) and not os.path.isdir(args.int8_preset):
         run("int8-preset", "torch")
+    if args.int8_versus_bfloat16:
+        row = run("compare-int8", args.backend or "torch")
+        print(json.dumps(row))
+        print(f"\n{describe_cpu()}; batch {args.batch_size}; medians of 5 interleaved calls")
+        print(f"{'backend':<11}{'':<10}{'bfloat16':>9}{'int8':>7}{'ratio':>7}")
+        for label, key in (("tok/s", "tokens_per_s"), ("decode", "decode_tokens_per_s")):
+            bf16, int8 = row[f"bfloat16_{key}"], row[f"int8_{key}"]
+            print(f"{row['backend']:<11}{label:<10}{bf16:>9.2f}{int8:>7.2f}{int8 / bf16:>7.2f}")
+        return
     backends = [args.backend] if args.backend else ["jax", "torch", "tensorflow"]
     quantize = ["--quantize", args.quantize] if args.quantize else []
     runs = [
