@@ -8,12 +8,19 @@ bfloat16 or VNNI instructions the stock kernels convert low-precision
 weights too slowly to keep up with memory; measured on the 2-core AVX2 EPYC
 the benchmarks ran on (`benchmarks/cpu_kernels.py --backend torch`),
 `_weight_int8pack_mm` reads int8 at ~7-9 GB/s and `torch.mv` bfloat16 at
-~12, against ~12-14 and ~13-16 for this kernel. For float32 the stock
-kernel, oneDNN's, streams one row as fast, but costs ~0.1 ms more per call
-on small matrices and reads several rows at half speed (2-8 rows of
-32000x512: 8-10 ms against 4-7), so this kernel takes float32 too (small
-config, `benchmarks/generation_speed.py --backend torch`: ~43 -> 50-63
-tokens/s).
+~12, against ~12-14 and ~13-16 for this kernel. int8 weights take bfloat16
+rows as int16 (see `int16_rows` in the C file), which streams them as fast as
+bfloat16 (~18 GB/s in one interleaved run, against 16 in float32). For
+float32 the stock kernel, oneDNN's, streams one row as fast, but costs
+~0.1 ms more per call on small matrices and reads several rows at half speed
+(2-8 rows of 32000x512: 8-10 ms against 4-7), so this kernel takes float32
+too.
+
+`prepare` binds a layer's weights once (the call then costs a few
+microseconds of Python); one call computes several products of the same
+rows (query, key and value) in one pass of the threads, reads and writes
+bfloat16 itself, and can RMS-normalize the rows first: the calls, not the
+weights, were most of the time of small matrices.
 
 It is optional: without x86-64 Linux, AVX2 and FMA, or a working `cc`,
 `matvec` returns None and `torch_decoding` uses the stock kernels;
@@ -28,6 +35,10 @@ Example:
 >>> weight, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32)
 >>> y = cpu_matvec.matvec(x, weight)
 >>> y is None or torch.allclose(y, x @ weight.float().T, atol=1e-4)
+True
+>>> query, key = torch.randn(8, 32), torch.randn(2, 32)
+>>> products = cpu_matvec.prepare([query, key])
+>>> products is None or [tuple(y.shape) for y in products(x)] == [(1, 8), (1, 2)]
 True
 """
 
@@ -137,6 +148,13 @@ class Products:
 
     It keeps the weights alive but reads them at each call, so it computes
     with their current values as long as their storage is not replaced.
+
+    Example:
+    >>> import torch
+    >>> gate, up = torch.randn(16, 8), torch.randn(16, 8)
+    >>> products = prepare([gate, up])  # None where the kernel is not built
+    >>> products is None or len(products(torch.randn(2, 8))) == 2
+    True
     """
 
     def __init__(self, function, weights, scales):
