@@ -43,8 +43,7 @@ def test_prefill_and_steps_equal_the_keras_forward(monkeypatch, variant, native)
         np.random.default_rng(1).integers(3, lm.backbone.vocabulary_size, (2, 16)), "int32"
     )
     decoder = TorchDecoder(lm.backbone)
-    # int8 prefills of 17-32 rows go through `cpu_matvec` in chunks of 16.
-    length = 12 if "int8" in variant else 8
+    length = 8
     ours, our_logits = decoder.prefill(ids, length, length - 1)
     theirs, their_logits = lm._prefill(ids, length, length - 1)
     # bfloat16 keeps ~3 digits; with int8 the two paths also round the
@@ -69,6 +68,35 @@ def test_prefill_and_steps_equal_the_keras_forward(monkeypatch, variant, native)
                 their_cache,
                 atol=tolerance * np.abs(their_cache).max(),
             )
+
+
+@pytest.mark.parametrize("variant", ["int8", "bfloat16_int8"])
+def test_int8_prefill_rows_past_16_go_through_the_kernel_in_chunks(monkeypatch, variant):
+    import torch
+
+    from keras_gemma import cpu_matvec
+    from keras_gemma.torch_decoding import TorchDecoder
+
+    _use_cpu_matvec(monkeypatch, True)
+    rows_per_call = []
+    call = cpu_matvec.Products.__call__
+
+    def recording(self, x, *args):
+        rows_per_call.append(x.shape[0])
+        return call(self, x, *args)
+
+    monkeypatch.setattr(cpu_matvec.Products, "__call__", recording)
+    down = TorchDecoder(_prepare(variant).backbone).blocks[0].down
+    (projection,) = down.projections
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((24, projection.kernel.shape[1])))
+    x = x.to(projection.scale.dtype)
+    (y,) = down(x)
+    assert rows_per_call == [16, 8]
+    expected = (x.double() @ projection.kernel.double().T) * projection.scale.double()
+    tolerance = 1e-5 if variant == "int8" else 1e-2
+    np.testing.assert_allclose(
+        y.double().numpy(), expected.numpy(), atol=tolerance * expected.abs().max().item()
+    )
 
 
 @pytest.mark.parametrize("variant", ["int8", "bfloat16"])
