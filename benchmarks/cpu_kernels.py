@@ -40,27 +40,27 @@ def torch_kernels():
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import torch
 
-    from keras_gemma import cpu_matvec
-    from keras_gemma.cpu_matvec import matvec
+    from keras_gemma import cpu_kernels
+    from keras_gemma.cpu_kernels import matvec
     from keras_gemma.torch_decoding import _linear
     from keras_gemma.torch_decoding import _linear_in_float32_pieces
 
     print("torch (2048 -> 16384 per matrix)")
-    native = cpu_matvec._library() is not None
-    cpu_matvec.MAX_ROWS = 64  # every row count, to see where it stops paying
+    native = cpu_kernels._library() is not None
+    cpu_kernels.MAX_ROWS = 64  # every row count, to see where it stops paying
     int8 = [
         (torch.randint(-127, 128, (OUT_DIM, IN_DIM), dtype=torch.int8), torch.rand(OUT_DIM))
         for _ in range(24)
     ]
     int8pack = torch.ops.aten._weight_int8pack_mm
     matrices = [(k, s.bfloat16()) for k, s in int8]
-    for rows in (1, 4, 8, 16, 32, 64):  # `_INT8PACK_MAX_ROWS`, `cpu_matvec.MAX_ROWS`
+    for rows in (1, 4, 8, 16, 32, 64):  # `_INT8PACK_MAX_ROWS`, `cpu_kernels.MAX_ROWS`
         x = torch.randn(rows, IN_DIM, dtype=torch.bfloat16)
         seconds = _seconds_per_matrix(lambda m, x=x: int8pack(x, *m), matrices)
         _report(f"bf16 x{rows}, int8 weights: _weight_int8pack_mm", seconds, 1)
         if native:
             seconds = _seconds_per_matrix(lambda m, x=x: matvec(x, *m), matrices)
-            _report(f"bf16 x{rows}, int8 weights: cpu_matvec (AVX2)", seconds, 1)
+            _report(f"bf16 x{rows}, int8 weights: cpu_kernels (AVX2)", seconds, 1)
         if rows > 1:
             seconds = _seconds_per_matrix(lambda m, x=x: _linear_in_float32_pieces(x, *m), matrices)
             _report(f"bf16 x{rows}, int8 weights: float32 pieces", seconds, 1)
@@ -77,7 +77,7 @@ def torch_kernels():
     _report("float32 x1, int8 weights: float32 pieces", seconds, 1)
     if native:
         seconds = _seconds_per_matrix(lambda m: matvec(x, *m), int8)
-        _report("float32 x1, int8 weights: cpu_matvec (AVX2)", seconds, 1)
+        _report("float32 x1, int8 weights: cpu_kernels (AVX2)", seconds, 1)
     del int8, matrices
     bf16 = [torch.randn(OUT_DIM, IN_DIM, dtype=torch.bfloat16) for _ in range(24)]
     x = torch.randn(IN_DIM, dtype=torch.bfloat16)
@@ -85,8 +85,8 @@ def torch_kernels():
     _report("bf16 x1, bf16 weights [out, in]: torch.mv", seconds, 2)
     if native:
         seconds = _seconds_per_matrix(lambda w: matvec(x[None], w), bf16)
-        _report("bf16 x1, bf16 weights [out, in]: cpu_matvec (AVX2)", seconds, 2)
-    for rows in (4, 8, 16, 32):  # `_FLOAT32_PIECES_MIN_ROWS`, `cpu_matvec.MAX_ROWS`
+        _report("bf16 x1, bf16 weights [out, in]: cpu_kernels (AVX2)", seconds, 2)
+    for rows in (4, 8, 16, 32):  # `_FLOAT32_PIECES_MIN_ROWS`, `cpu_kernels.MAX_ROWS`
         x = torch.randn(rows, IN_DIM, dtype=torch.bfloat16)
         seconds = _seconds_per_matrix(lambda w, x=x: torch.nn.functional.linear(x, w), bf16[:6])
         _report(f"bf16 x{rows}, bf16 weights: F.linear", seconds, 2)
@@ -94,7 +94,7 @@ def torch_kernels():
         _report(f"bf16 x{rows}, bf16 weights: float32 pieces", seconds, 2)
         if native:
             seconds = _seconds_per_matrix(lambda w, x=x: matvec(x, w), bf16[:6])
-            _report(f"bf16 x{rows}, bf16 weights: cpu_matvec (AVX2)", seconds, 2)
+            _report(f"bf16 x{rows}, bf16 weights: cpu_kernels (AVX2)", seconds, 2)
     del bf16
     f32 = [torch.randn(OUT_DIM, IN_DIM) for _ in range(12)]
     x = torch.randn(1, IN_DIM)

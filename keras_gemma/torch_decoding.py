@@ -5,10 +5,11 @@ Why a second path: on the torch backend every `keras.ops` call and every
 a small model is ~100 layer calls and ~300 ops. Measured on the benchmark
 config (6 layers, hidden 512): 23.6 ms per step through Keras, of which the
 matrix products are 7.5 ms; this module runs the same step in ~8 ms.
-It also picks the fast CPU kernels: `cpu_matvec`'s AVX2 kernel for up to 16
-rows (decode steps), and oneDNN, `aten._weight_int8pack_mm` and `F.linear`
-for more rows or where that kernel is not built, all of which want
-`[out, in]` storage, the layout every Gemma kernel is stored in (see
+It also picks the fast CPU kernels: `cpu_kernels`'s AVX2 products for up to
+16 rows (decode steps) and its one-call attention of a new position (a step
+of the benchmark config went from ~9.5 to ~8.3 ms with it), and oneDNN,
+`aten._weight_int8pack_mm` and `F.linear` for more rows or where those are
+not built, all of which want `[out, in]` storage, the layout every Gemma kernel is stored in (see
 `GemmaAttention`).
 
 It computes exactly what `GemmaBackbone.compute_hidden_states` plus
@@ -25,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from keras_gemma import cpu_matvec
+from keras_gemma import cpu_kernels
 from keras_gemma.backbone import quantizable_layers
 from keras_gemma.layers.attention import _MASKED_LOGIT
 from keras_gemma.layers.rotary_embedding import inverse_frequencies
@@ -67,7 +68,7 @@ _FLOAT32_PIECE = 1 << 21  # weights per piece: 8 MB of float32
 
 
 def _linear(x, weight):
-    """`x @ weight.T` for an `[out, in]` weight, where `cpu_matvec` does not
+    """`x @ weight.T` for an `[out, in]` weight, where `cpu_kernels` does not
     apply. One bfloat16 row goes through `torch.mv`, whose kernel streamed
     weights at ~25 GB/s against ~20 GB/s for `F.linear` on an AMX Xeon (30
     distinct 2048x16384 matrices; the two are equal, ~13 GB/s, on the AVX2
@@ -99,7 +100,7 @@ def _linear_in_float32_pieces(x, weight, scale=None):
     return y.to(x.dtype)
 
 
-# `_weight_int8pack_mm` (where `cpu_matvec` is not built or past its rows)
+# `_weight_int8pack_mm` (where `cpu_kernels` is not built or past its rows)
 # reads int8 weights from memory at ~9-12 GB/s for one bfloat16 row (2
 # cores; it is compute-bound: 4-6 GB/s on one), but its cost grows with
 # every row (16384x2048: ~4 ms for one row, ~9 for 8, ~42 for 32, ~84 for
@@ -168,7 +169,7 @@ class _Projection:
         return y + torch.matmul(torch.matmul(x, b), a)
 
 
-# int8 products of a few more rows than `cpu_matvec` takes at once (a short
+# int8 products of a few more rows than `cpu_kernels` takes at once (a short
 # prompt's prefill) still run faster through it, 16 rows at a time, than
 # through `_weight_int8pack_mm`: 16384x2048 times 32 bfloat16 rows, 28 ms
 # against 44; 64 rows, 58 against 53.
@@ -177,18 +178,18 @@ _INT8_CHUNKED_MAX_ROWS = 32
 
 class _Projections:
     """Several projections of one input, `[rows, in]` -> a `[rows, out]`
-    each, in one `cpu_matvec` call where it applies (decode steps on CPU):
+    each, in one `cpu_kernels` call where it applies (decode steps on CPU):
     a call costs tens of microseconds on top of its weights, and a layer's
     key and value matrices are small enough for that to be most of theirs."""
 
     def __init__(self, layers, dtype):
         self.dtype = dtype
         self.projections = [_Projection(layer, dtype) for layer in layers]
-        self.native = cpu_matvec.prepare(
+        self.native = cpu_kernels.prepare(
             [p.kernel for p in self.projections], [p.scale for p in self.projections]
         )
         self.lora = any(p.lora is not None for p in self.projections)
-        self.chunked_max_rows = cpu_matvec.MAX_ROWS
+        self.chunked_max_rows = cpu_kernels.MAX_ROWS
         if all(p.quantized for p in self.projections):
             self.chunked_max_rows = _INT8_CHUNKED_MAX_ROWS
 
@@ -200,7 +201,7 @@ class _Projections:
             x, norm = _rms_norm(x, norm, eps, self.dtype), None
         ys = None
         if self.native is not None and x.dim() == 2 and x.shape[0] <= self.chunked_max_rows:
-            step = cpu_matvec.MAX_ROWS
+            step = cpu_kernels.MAX_ROWS
             chunks = [
                 self.native(rows) if norm is None else self.native(rows, norm, eps)
                 for rows in x.split(step)
@@ -256,6 +257,25 @@ def _rotate(x, cos, sin):
     return (rows * cos + rows.roll(rows.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
+def _attend(query, keys, values, causal):
+    """Scaled rotated `query` `[b, t, heads, h]` attending to `keys` and
+    `values` `[b, s, kv_heads, h]` under `causal` (`[t * groups, s]`, or None
+    for every key) -> `[b * t, heads * h]`, as `GemmaAttention._attend`."""
+    batch, length, heads, h = query.shape
+    kv = keys.shape[2]
+    groups = heads // kv
+    # Query t*groups + i is position start + t; keys are cache slots.
+    query = query.view(batch, length, kv, groups, h)
+    query = query.permute(0, 2, 1, 3, 4).reshape(batch, kv, length * groups, h)
+    logits = _matmul(query, keys.permute(0, 2, 3, 1)).float()  # [b, k, t*g, s]
+    if causal is not None:
+        logits = logits.masked_fill(~causal, _MASKED_LOGIT)
+    probabilities = torch.softmax(logits, dim=-1).to(values.dtype)
+    attended = _matmul(probabilities, values.transpose(1, 2))  # [b, k, t*g, h]
+    attended = attended.view(batch, kv, length, groups, h).permute(0, 2, 1, 3, 4)
+    return attended.reshape(batch * length, heads * h)
+
+
 def supports(backbone):
     """Whether `TorchDecoder` computes exactly this backbone's forward pass.
 
@@ -303,7 +323,7 @@ class TorchDecoder:
             self.embedding_scale = (1.0 / _value(embedding.embeddings_scale)).to(self.dtype)
         else:
             self.embeddings = _value(embedding.embeddings).to(self.dtype)
-        self.native_logits = cpu_matvec.prepare([self.embeddings], [self.embedding_scale])
+        self.native_logits = cpu_kernels.prepare([self.embeddings], [self.embedding_scale])
         self.blocks = [_Block(block, self.dtype) for block in backbone.transformer_layers]
         self.final_norm = _norm_scale(backbone.final_normalization, self.dtype)
         # `rotary_angles`'s frequencies, once: its Keras ops cost more than
@@ -344,13 +364,14 @@ class TorchDecoder:
         cos, sin = angles.cos(), angles.sin()  # [1, t, 1, h/2]
         cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
         end = start + length
-        # Query t*groups + i is position start + t; keys are cache slots.
         causal = None  # one new position sees every key up to itself
         if length > 1:
             positions = torch.arange(end, device=token_ids.device)
             causal = positions[None, :] <= positions[start:, None]
             causal = causal.repeat_interleave(groups, dim=0)
         scale = torch.tensor(h**-0.5, dtype=self.dtype)
+        scale_value = scale.item()
+        angles = (cos.view(-1), sin.view(-1)) if length == 1 else None
         x = self._embed(token_ids).reshape(batch * length, -1)
         updated_cache = []
         for block, (key_cache, value_cache) in zip(self.blocks, cache):
@@ -359,21 +380,17 @@ class TorchDecoder:
             key_cache, value_cache = key_cache.contiguous(), value_cache.contiguous()
             updated_cache.append((key_cache, value_cache))
             query, key, value = block.query_key_value(x, block.attention_norm, block.eps)
-            query = _rotate(query.view(batch, length, -1, h), cos, sin)
-            key = _rotate(key.view(batch, length, kv, h), cos, sin)
-            key_cache[:, start:end] = key.to(key_cache.dtype)
-            value_cache[:, start:end] = value.view(batch, length, kv, h)
-            query = (query * scale).view(batch, length, kv, groups, h)
-            query = query.permute(0, 2, 1, 3, 4).reshape(batch, kv, length * groups, h)
-            keys = key_cache[:, :end].permute(0, 2, 3, 1)  # [b, k, h, s]
-            values = value_cache[:, :end].transpose(1, 2)  # [b, k, s, h]
-            logits = _matmul(query, keys).float()
-            if causal is not None:
-                logits = logits.masked_fill(~causal, _MASKED_LOGIT)
-            probabilities = torch.softmax(logits, dim=-1).to(values.dtype)
-            attended = _matmul(probabilities, values)  # [b, k, t*g, h]
-            attended = attended.view(batch, kv, length, groups, h).permute(0, 2, 1, 3, 4)
-            (attended,) = block.output(attended.reshape(batch * length, -1))
+            attended = None
+            if length == 1:  # one call instead of ~25 ops
+                caches = (key_cache, value_cache, start)
+                attended = cpu_kernels.attend(query, key, value, *angles, scale_value, *caches)
+            if attended is None:
+                query = _rotate(query.view(batch, length, -1, h), cos, sin)
+                key = _rotate(key.view(batch, length, kv, h), cos, sin)
+                key_cache[:, start:end] = key.to(key_cache.dtype)
+                value_cache[:, start:end] = value.view(batch, length, kv, h)
+                attended = _attend(query * scale, key_cache[:, :end], value_cache[:, :end], causal)
+            (attended,) = block.output(attended)
             x = x + attended
             gate, up = block.gate_up(x, block.ffw_norm, block.eps)
             (down,) = block.down(F.gelu(gate, approximate="tanh") * up)

@@ -37,7 +37,7 @@ def _prepare(variant):
 def test_prefill_and_steps_equal_the_keras_forward(monkeypatch, variant, native):
     from keras_gemma.torch_decoding import TorchDecoder
 
-    _use_cpu_matvec(monkeypatch, native)
+    _use_cpu_kernels(monkeypatch, native)
     lm = _prepare(variant)
     ids = keras.ops.convert_to_tensor(
         np.random.default_rng(1).integers(3, lm.backbone.vocabulary_size, (2, 16)), "int32"
@@ -76,18 +76,18 @@ def test_prefill_and_steps_equal_the_keras_forward(monkeypatch, variant, native)
 def test_int8_prefill_rows_past_16_go_through_the_kernel_in_chunks(monkeypatch, variant):
     import torch
 
-    from keras_gemma import cpu_matvec
+    from keras_gemma import cpu_kernels
     from keras_gemma.torch_decoding import TorchDecoder
 
-    _use_cpu_matvec(monkeypatch, True)
+    _use_cpu_kernels(monkeypatch, True)
     rows_per_call = []
-    call = cpu_matvec.Products.__call__
+    call = cpu_kernels.Products.__call__
 
     def recording(self, x, *args):
         rows_per_call.append(x.shape[0])
         return call(self, x, *args)
 
-    monkeypatch.setattr(cpu_matvec.Products, "__call__", recording)
+    monkeypatch.setattr(cpu_kernels.Products, "__call__", recording)
     down = TorchDecoder(_prepare(variant).backbone).blocks[0].down
     (projection,) = down.projections
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((24, projection.kernel.shape[1])))
@@ -136,7 +136,7 @@ def test_int8_activations_generate_through_the_keras_forward():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("in_dim", [24, 32])  # `_weight_int8pack_mm` is wrong on 24 in bf16
 def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype, in_dim):
-    """PyTorch's kernels, where `cpu_matvec` (tested on its own) does not apply."""
+    """PyTorch's kernels, where `cpu_kernels` (tested on its own) does not apply."""
     import torch
 
     from keras_gemma import torch_decoding
@@ -167,21 +167,21 @@ def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype,
         )
 
 
-def _use_cpu_matvec(monkeypatch, native):
-    """Run the decoder's products through `cpu_matvec` (skip where it is not
+def _use_cpu_kernels(monkeypatch, native):
+    """Run the decoder's products through `cpu_kernels` (skip where it is not
     built) or through PyTorch's kernels only."""
-    from keras_gemma import cpu_matvec
+    from keras_gemma import cpu_kernels
 
     if not native:
-        monkeypatch.setattr(cpu_matvec, "prepare", lambda *args: None)
-    elif cpu_matvec._library() is None:
-        pytest.skip("cpu_matvec is not built here (no AVX2 + FMA or no C compiler)")
+        monkeypatch.setattr(cpu_kernels, "prepare", lambda *args: None)
+    elif cpu_kernels._library() is None:
+        pytest.skip("cpu_kernels is not built here (no AVX2 + FMA or no C compiler)")
 
 
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype, onednn):
-    """PyTorch's kernels, where `cpu_matvec` (tested on its own) does not apply."""
+    """PyTorch's kernels, where `cpu_kernels` (tested on its own) does not apply."""
     import torch
 
     from keras_gemma import torch_decoding

@@ -1,6 +1,6 @@
-"""Products `x @ weight.T` of a few rows (decoding: one per sequence) on x86
-CPUs, in a small AVX2 kernel (`cpu_matvec.c`) built with the system C
-compiler on first use.
+"""Decoding's CPU kernels on x86 (`cpu_kernels.c`, AVX2, built with the
+system C compiler on first use): products `x @ weight.T` of a few rows (one
+per sequence), and one new position's attention (`attend`).
 
 Why: decoding one token reads every weight once, so its speed is the speed
 at which these products stream weights from memory. On CPUs without
@@ -31,13 +31,13 @@ file.
 
 Example:
 >>> import torch
->>> from keras_gemma import cpu_matvec
+>>> from keras_gemma import cpu_kernels
 >>> weight, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32)
->>> y = cpu_matvec.matvec(x, weight)
+>>> y = cpu_kernels.matvec(x, weight)
 >>> y is None or torch.allclose(y, x @ weight.float().T, atol=1e-4)
 True
 >>> query, key = torch.randn(8, 32), torch.randn(2, 32)
->>> products = cpu_matvec.prepare([query, key])
+>>> products = cpu_kernels.prepare([query, key])
 >>> products is None or [tuple(y.shape) for y in products(x)] == [(1, 8), (1, 2)]
 True
 """
@@ -54,9 +54,11 @@ import warnings
 
 import torch
 
-_SOURCE = pathlib.Path(__file__).with_name("cpu_matvec.c")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
+# -ffp-contract=off: `a * b + c * d` rounds twice, as PyTorch's elementwise ops do.
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _FUNCTIONS = {torch.bfloat16: "matvec_bf16", torch.int8: "matvec_i8", torch.float32: "matvec_f32"}
+_ATTEND_FUNCTIONS = {torch.bfloat16: "attend_bf16", torch.float32: "attend_f32"}
 # Below this many weight bytes per thread, waking a second thread costs more
 # than it saves.
 _BYTES_PER_THREAD = 1 << 18
@@ -66,7 +68,7 @@ _BYTES_PER_THREAD = 1 << 18
 # int8, 17 ms for 16 rows (int8pack 22), 35 for 32 (35). Prefill and larger
 # batches keep PyTorch's kernels.
 MAX_ROWS = 16
-MAX_MATRICES = 8  # cpu_matvec.c's own limit
+MAX_MATRICES = 8  # cpu_kernels.c's own limit
 
 
 def _cpu_has_avx2_and_fma():
@@ -89,7 +91,7 @@ def _cache_dir():
 def _build():
     source = _SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    library = _cache_dir() / f"cpu_matvec-{digest}.so"
+    library = _cache_dir() / f"cpu_kernels-{digest}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
@@ -132,6 +134,11 @@ def _library():
         function.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_float]
         function.argtypes += [ctypes.c_int] + [ctypes.c_void_p] * 4
         function.argtypes += [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        function.restype = ctypes.c_int
+    for name in _ATTEND_FUNCTIONS.values():
+        function = getattr(library, name)
+        function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2
+        function.argtypes += [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int]
         function.restype = ctypes.c_int
     return library
 
@@ -247,3 +254,65 @@ def matvec(x, weight, scale=None):
     products = prepare([weight], [scale])
     ys = None if products is None else products(x)
     return None if ys is None else ys[0]
+
+
+# Multiply-adds of attention below which a second thread costs more than it
+# saves (~30 us of arithmetic).
+_ATTENTION_WORK_PER_THREAD = 1 << 17
+
+
+def attend(query, key, value, cos, sin, scale, key_cache, value_cache, position):
+    """One new position's attention for decoding, in one call (`attend_*` in
+    the C file): rotates `query` `[rows, heads * h]` and `key` `[rows,
+    kv_heads * h]` by `cos`/`sin` (`[h]` float32: the position's [cos, cos]
+    and [-sin, sin]), writes key and `value` into the caches `[rows,
+    max_length, kv_heads, h]` at `position`, and returns the `[rows, heads *
+    h]` attention of the `scale`d queries to cache slots `0...position`.
+    Rounds where the model does, in the inputs' dtype. Returns None where it
+    does not apply (not CPU, dtypes other than one float32 or bfloat16, a
+    non-contiguous cache), before touching the caches, or out of memory."""
+    dtype = query.dtype
+    rows, max_length, kv_heads, h = key_cache.shape
+    tensors = (query, key, value, key_cache, value_cache)
+    if (
+        dtype not in _ATTEND_FUNCTIONS
+        or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors)
+        or not (key_cache.is_contiguous() and value_cache.is_contiguous())
+        or value_cache.shape != key_cache.shape
+        or tuple(key.shape) != (rows, kv_heads * h)
+        or key.shape != value.shape
+        or query.dim() != 2
+        or query.shape[0] != rows
+        or query.shape[1] % (kv_heads * h)
+        or not 0 <= position < max_length
+        or h % 2
+        or tuple(cos.shape) != (h,)
+        or tuple(sin.shape) != (h,)
+        or _library() is None
+    ):
+        return None
+    heads = query.shape[1] // h
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    out = torch.empty_like(query)
+    work = rows * heads * (position + 1) * h
+    threads = max(1, min(torch.get_num_threads(), work // _ATTENTION_WORK_PER_THREAD))
+    status = getattr(_library(), _ATTEND_FUNCTIONS[dtype])(
+        query.data_ptr(),
+        key.data_ptr(),
+        value.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        scale,
+        key_cache.data_ptr(),
+        value_cache.data_ptr(),
+        rows,
+        max_length,
+        position,
+        heads,
+        kv_heads,
+        h,
+        out.data_ptr(),
+        threads,
+    )
+    return out if status == 0 else None

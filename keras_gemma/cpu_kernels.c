@@ -1,6 +1,7 @@
-/* Matrix-vector products y = (x @ W.T) * scale of a few float32 or bfloat16 rows x
- * [rows, in] and a row-major [out, in] W of float32, bfloat16 or int8, accumulated in
- * float32, on AVX2 + FMA: the products of decoding, one row per sequence.
+/* Decoding's kernels on AVX2 + FMA, one row per sequence: matrix-vector products
+ * y = (x @ W.T) * scale of a few float32 or bfloat16 rows x [rows, in] and a
+ * row-major [out, in] W of float32, bfloat16 or int8, accumulated in float32;
+ * and one new position's attention (ATTEND, at the end).
  *
  * Each row of W is read from memory once, front to back, with a software
  * prefetch a kilobyte ahead, and multiplied by every row of x (up to four
@@ -9,7 +10,7 @@
  * faster than four or eight rows of W side by side (their streams defeat
  * the hardware prefetcher). Accumulators: four for one row of x, two per
  * row for more (an FMA's latency is 4-5 cycles).
- * keras_gemma/cpu_matvec.py builds, loads and calls this file.
+ * keras_gemma/cpu_kernels.py builds, loads and calls this file.
  */
 #include <immintrin.h>
 #include <float.h>
@@ -235,3 +236,97 @@ static inline float dot_i16(const int16_t* x, const int8_t* row, int64_t in) {
 MATVEC(matvec_bf16, uint16_t, load8_bf16, scalar_bf16, 0)
 MATVEC(matvec_i8, int8_t, load8_i8, scalar_i8, 1)
 MATVEC(matvec_f32, float, load8_f32, scalar_f32, 0)
+
+/* One new position's attention, for decoding: for each of `batch` sequences
+ * at `position`, rotates the new query and key rows (`x * cos + roll(x, h/2)
+ * * sin`, cos = [cos, cos] and sin = [-sin, sin] of the position's angles),
+ * writes key and value into the caches [batch, max_length, kv_heads, h], and
+ * attends every query head to the cache's first `position + 1` slots. It
+ * rounds where the model's layers round (rotated rows, scaled queries,
+ * logits, probabilities, output), so bfloat16 agrees with them to a rounding
+ * of float32 sums; -ffp-contract=off keeps `a * b + c * d` two roundings, as
+ * PyTorch's elementwise ops do. This replaces ~25 small PyTorch ops a layer,
+ * each costing more than its arithmetic at one position. Query head i reads
+ * key/value head i / (heads / kv_heads). Returns -1 out of memory. */
+#define ATTEND(NAME, T, LOAD8, SCALAR, ROUND, STORE)                                      \
+    static inline float NAME##_dot(const float* q, const T* k, int64_t h) {               \
+        const int64_t body = h & ~(int64_t)7;                                             \
+        __m256 a = _mm256_setzero_ps();                                                   \
+        for (int64_t d = 0; d < body; d += 8)                                             \
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), LOAD8(k + d), a);                 \
+        float sum = horizontal_sum(a);                                                    \
+        for (int64_t d = body; d < h; d++) sum += q[d] * SCALAR(k[d]);                    \
+        return sum;                                                                       \
+    }                                                                                     \
+    static void NAME##_rotate(const T* x, const float* cos, const float* sin, int64_t h,  \
+                              float* out) {                                               \
+        for (int64_t d = 0; d < h; d++) {                                                 \
+            const float straight = SCALAR(x[d]) * cos[d];                                 \
+            const float crossed = SCALAR(x[(d + h / 2) % h]) * sin[d];                    \
+            out[d] = ROUND(straight + crossed);                                           \
+        }                                                                                 \
+    }                                                                                     \
+    int NAME(const T* q, const T* k, const T* v, const float* cos, const float* sin,     \
+             float scale, T* key_cache, T* value_cache, int64_t batch, int64_t max_length, \
+             int64_t position, int64_t heads, int64_t kv_heads, int64_t h, T* out,         \
+             int threads) {                                                               \
+        const int64_t groups = heads / kv_heads, keys = position + 1;                     \
+        float* queries = (float*)malloc((batch * heads + 1) * h * sizeof(float));         \
+        if (!queries) return -1;                                                          \
+        float* rotated = queries + batch * heads * h;                                     \
+        for (int64_t r = 0; r < batch; r++) {                                             \
+            for (int64_t j = 0; j < kv_heads; j++) {                                      \
+                const int64_t slot = ((r * max_length + position) * kv_heads + j) * h;    \
+                NAME##_rotate(k + (r * kv_heads + j) * h, cos, sin, h, rotated);          \
+                for (int64_t d = 0; d < h; d++) {                                         \
+                    key_cache[slot + d] = STORE(rotated[d]);                              \
+                    value_cache[slot + d] = v[(r * kv_heads + j) * h + d];                \
+                }                                                                         \
+            }                                                                             \
+            for (int64_t i = 0; i < heads; i++) {                                         \
+                float* query = queries + (r * heads + i) * h;                             \
+                NAME##_rotate(q + (r * heads + i) * h, cos, sin, h, query);               \
+                for (int64_t d = 0; d < h; d++) query[d] = ROUND(query[d] * scale);       \
+            }                                                                             \
+        }                                                                                 \
+        int status = 0;                                                                   \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)") \
+        for (int64_t t = 0; t < batch * heads; t++) {                                     \
+            const int64_t r = t / heads, j = (t % heads) / groups;                        \
+            const T* key_rows = key_cache + (r * max_length * kv_heads + j) * h;          \
+            const T* value_rows = value_cache + (r * max_length * kv_heads + j) * h;      \
+            const int64_t stride = kv_heads * h;                                          \
+            float* weights = (float*)malloc((keys + h) * sizeof(float));                  \
+            if (!weights) {                                                               \
+                status = -1;                                                              \
+                continue;                                                                 \
+            }                                                                             \
+            float* sums = weights + keys;                                                 \
+            float largest = -INFINITY, total = 0.0f;                                      \
+            for (int64_t s = 0; s < keys; s++) {                                          \
+                weights[s] = ROUND(NAME##_dot(queries + t * h, key_rows + s * stride, h)); \
+                largest = weights[s] > largest ? weights[s] : largest;                    \
+            }                                                                             \
+            for (int64_t s = 0; s < keys; s++) total += weights[s] = expf(weights[s] - largest); \
+            for (int64_t d = 0; d < h; d++) sums[d] = 0.0f;                               \
+            const int64_t body = h & ~(int64_t)7;                                         \
+            for (int64_t s = 0; s < keys; s++) {                                          \
+                const float p = ROUND(weights[s] / total);                                \
+                const T* row = value_rows + s * stride;                                   \
+                for (int64_t d = 0; d < body; d += 8)                                     \
+                    _mm256_storeu_ps(sums + d, _mm256_fmadd_ps(_mm256_set1_ps(p), LOAD8(row + d), \
+                                                               _mm256_loadu_ps(sums + d))); \
+                for (int64_t d = body; d < h; d++) sums[d] += p * SCALAR(row[d]);         \
+            }                                                                             \
+            for (int64_t d = 0; d < h; d++) out[t * h + d] = STORE(sums[d]);              \
+            free(weights);                                                                \
+        }                                                                                 \
+        free(queries);                                                                    \
+        return status;                                                                    \
+    }
+
+static inline float round_bf16(float v) { return scalar_bf16(to_bf16(v)); }
+static inline float identity(float v) { return v; }
+
+ATTEND(attend_bf16, uint16_t, load8_bf16, scalar_bf16, round_bf16, to_bf16)
+ATTEND(attend_f32, float, load8_f32, scalar_f32, identity, identity)
