@@ -206,7 +206,7 @@ class Products:
             x.data_ptr(),
             low_precision,
             None if norm is None else norm.data_ptr(),
-            epsilon,
+            0.0 if norm is None else epsilon,
             len(ys),
             self._weight_pointers,
             self._scale_pointers,
