@@ -36,7 +36,8 @@ PROMPT_LENGTH, NEW_TOKENS = 32, 32
 PREFILL_LENGTH = 512
 
 
-_TAG = "@@"  # marks the protocol's lines among whatever else a child prints
+_TAG = "@@"
+_PAUSE_S = 0.5  # marks the protocol's lines among whatever else a child prints
 
 
 def _seconds(call):
@@ -141,6 +142,11 @@ class _Child:
         raise RuntimeError(f"the benchmark's child exited ({self.process.wait()}); see above")
 
     def time(self, request):
+        # Another backend's threads spin on idle for a while after its calls
+        # (XLA's and oneDNN's pools): started at once, the next backend's
+        # call shared the cores with them and PyTorch's decoding measured
+        # ~25% slower than alone. A pause lets them sleep first.
+        time.sleep(_PAUSE_S)
         self.process.stdin.write(request + "\n")
         self.process.stdin.flush()
         return self._answer()

@@ -93,21 +93,72 @@ static inline uint16_t to_bf16(float v) {
     return v != v ? 0x7FC0 : (bits.u + 0x7FFF + ((bits.u >> 16) & 1)) >> 16;
 }
 
-static inline void store(void* y, int64_t i, float v, int y_bf16) {
+/* y[i] = v, or residual[i] + v (v rounded first: the model adds the rounded
+ * product), in y's dtype. */
+static inline void store(void* y, int64_t i, float v, int y_bf16, const void* residual) {
+    if (residual && y_bf16) v = scalar_bf16(((const uint16_t*)residual)[i]) + scalar_bf16(to_bf16(v));
+    else if (residual) v = ((const float*)residual)[i] + v;
     if (y_bf16) ((uint16_t*)y)[i] = to_bf16(v);
     else ((float*)y)[i] = v;
+}
+
+/* exp(x) of 8 floats (Cephes's expf: 2^n times a degree-6 polynomial of the
+ * remainder, within ~2 ulp), x clamped to [-87, 88]. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* Gemma's tanh-approximate GELU, 0.5 x (1 + tanh(z)) with z = sqrt(2/pi)
+ * (x + 0.044715 x^3), written x / (1 + exp(-2z)) (the same function) so it
+ * needs only exp8: within a few float32 ulp of PyTorch's. */
+static inline __m256 gelu8(__m256 x) {
+    const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    const __m256 z = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                   _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(0.044715f), cube)));
+    const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), z));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+/* GeGLU's hidden rows gelu(gate) * up in place of `out` (which holds gate as
+ * float32), each rounded to bfloat16 where the model computes in it. */
+static void gelu_times(float* out, const void* up, int bf16, int64_t count) {
+    const int64_t body = count & ~(int64_t)7;
+    for (int64_t k = 0; k < body; k += 8) _mm256_storeu_ps(out + k, gelu8(_mm256_loadu_ps(out + k)));
+    for (int64_t k = body; k < count; k++) {
+        float lanes[8] = {out[k]};
+        _mm256_storeu_ps(lanes, gelu8(_mm256_loadu_ps(lanes)));
+        out[k] = lanes[0];
+    }
+    for (int64_t k = 0; k < count; k++) {
+        if (bf16) out[k] = scalar_bf16(to_bf16(scalar_bf16(to_bf16(out[k])) * scalar_bf16(((const uint16_t*)up)[k])));
+        else out[k] = out[k] * ((const float*)up)[k];
+    }
 }
 
 /* The rows as float32: converted from bfloat16, and with `norm` Gemma's RMS
  * normalization `x * rsqrt(mean(x^2) + eps) * norm` in float32, rounded to
  * the rows' dtype as the model's layer rounds it. NULL where x serves as is. */
-static float* float32_rows(const void* x, int x_bf16, const float* norm, float eps,
-                           int64_t rows, int64_t in) {
-    if (!x_bf16 && !norm) return NULL;
+static float* float32_rows(const void* x, int x_bf16, const void* up, const float* norm,
+                           float eps, int64_t rows, int64_t in) {
+    if (!x_bf16 && !norm && !up) return NULL;
     float* out = (float*)malloc(rows * in * sizeof(float));
     if (!out) return NULL;
     for (int64_t i = 0; i < rows * in; i++)
         out[i] = x_bf16 ? scalar_bf16(((const uint16_t*)x)[i]) : ((const float*)x)[i];
+    if (up) gelu_times(out, up, x_bf16, rows * in);
     for (int64_t r = 0; norm && r < rows; r++) {
         float* row = out + r * in;
         float squares = 0.0f;
@@ -182,7 +233,9 @@ static inline float dot_i16(const int16_t* x, const int8_t* row, int64_t in) {
  * share x [rows, in] (a layer's query, key and value projections): one pass
  * of the threads over all their rows, so small matrices cost no call and no
  * wake-up of their own. x and y are float32 or bfloat16 (flags); scale[m]
- * may be NULL; with `norm`, x is RMS-normalized first (float32_rows); int8
+ * may be NULL; with `norm`, x is RMS-normalized first, with `up` it is
+ * replaced by gelu(x) * up (float32_rows); with `residual` (one matrix),
+ * y = residual + y (store). Each saves a PyTorch op or two per call. int8
  * weights take bfloat16 rows in integers (int16_rows). The threads are
  * OpenMP's: linked by soname, libgomp.so.1 resolves to the copy PyTorch already loaded, so they are PyTorch's own
  * workers. Threads of our own ran beside those workers while they spun idle
@@ -194,14 +247,15 @@ static inline float dot_i16(const int16_t* x, const int8_t* row, int64_t in) {
     DOT(NAME##_dot3, T, LOAD8, SCALAR, 3)                                                 \
     DOT(NAME##_dot2, T, LOAD8, SCALAR, 2)                                                 \
     DOT1(NAME##_dot1, T, LOAD8, SCALAR)                                                   \
-    int NAME(const void* x_in, int x_bf16, const float* norm, float eps, int count,       \
-             const void* const* ws, const float* const* scales, void* const* ys,          \
-             const int64_t* outs, int y_bf16, int64_t in, int64_t rows, int threads) {    \
-        if (count < 1 || count > MAX_MATRICES) return -1;                                 \
+    int NAME(const void* x_in, int x_bf16, const void* up, const float* norm, float eps,  \
+             int count, const void* const* ws, const float* const* scales,                \
+             void* const* ys, const int64_t* outs, int y_bf16, const void* residual,      \
+             int64_t in, int64_t rows, int threads) {                                     \
+        if (count < 1 || count > MAX_MATRICES || (residual && count != 1)) return -1;     \
         int64_t starts[MAX_MATRICES + 1] = {0};                                           \
         for (int m = 0; m < count; m++) starts[m + 1] = starts[m] + outs[m];              \
-        float* converted = float32_rows(x_in, x_bf16, norm, eps, rows, in);               \
-        if (!converted && (x_bf16 || norm)) return -1;                                    \
+        float* converted = float32_rows(x_in, x_bf16, up, norm, eps, rows, in);           \
+        if (!converted && (x_bf16 || norm || up)) return -1;                              \
         const float* x = converted ? converted : (const float*)x_in;                      \
         float row_scales[MAX_INT16_ROWS];                                                 \
         int16_t* quantized = INT16 && x_bf16 ? int16_rows(x, rows, in, row_scales) : NULL; \
@@ -215,7 +269,7 @@ static inline float dot_i16(const int16_t* x, const int8_t* row, int64_t in) {
             float sums[4];                                                                \
             for (int64_t i = 0; quantized && i < rows; i++) {                             \
                 const float sum = dot_i16(quantized + i * in, (const int8_t*)row, in);    \
-                store(ys[m], i * outs[m] + n, sum * row_scales[i] * factor, y_bf16);      \
+                store(ys[m], i * outs[m] + n, sum * row_scales[i] * factor, y_bf16, residual); \
             }                                                                             \
             for (int64_t first = 0; !quantized && first < rows; first += 4) {             \
                 const float* xs = x + first * in;                                         \
@@ -225,7 +279,7 @@ static inline float dot_i16(const int16_t* x, const int8_t* row, int64_t in) {
                 else if (group == 2) NAME##_dot2(xs, row, in, sums);                      \
                 else NAME##_dot1(xs, row, in, sums);                                      \
                 for (int64_t i = 0; i < group; i++)                                       \
-                    store(ys[m], (first + i) * outs[m] + n, sums[i] * factor, y_bf16);    \
+                    store(ys[m], (first + i) * outs[m] + n, sums[i] * factor, y_bf16, residual); \
             }                                                                             \
         }                                                                                 \
         free(converted);                                                                  \

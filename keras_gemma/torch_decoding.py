@@ -193,24 +193,31 @@ class _Projections:
         if all(p.quantized for p in self.projections):
             self.chunked_max_rows = _INT8_CHUNKED_MAX_ROWS
 
-    def __call__(self, x, norm=None, eps=None):
-        """The projections of `x`, or of `_rms_norm(x, norm, eps)` (in the
-        kernel where it applies: two small ops fewer)."""
-        if norm is not None and (self.native is None or self.lora):
-            # LoRA's update reads the normalized rows too.
-            x, norm = _rms_norm(x, norm, eps, self.dtype), None
+    def __call__(self, x, norm=None, eps=None, up=None, residual=None):
+        """The projections of `x`, of `_rms_norm(x, norm, eps)` with `norm`,
+        or of `gelu(x) * up` with `up`; plus `residual` (one projection).
+        The kernel does those steps itself where it applies (one call, no
+        PyTorch ops; see `cpu_kernels.Products`)."""
+        rows = x.shape[0]
+        if self.native is not None and not self.lora and rows <= cpu_kernels.MAX_ROWS:
+            ys = self.native(x, norm, eps, up=up, residual=residual)
+            if ys is not None:
+                return ys
+        # LoRA's update reads the kernel's input too, so it is computed here.
+        if norm is not None:
+            x = _rms_norm(x, norm, eps, self.dtype)
+        if up is not None:
+            x = F.gelu(x, approximate="tanh") * up
         ys = None
-        if self.native is not None and x.dim() == 2 and x.shape[0] <= self.chunked_max_rows:
-            # (No `split` of one chunk: ~7 us, a tenth of a step's overhead.)
-            chunks = x.split(cpu_kernels.MAX_ROWS) if x.shape[0] > cpu_kernels.MAX_ROWS else [x]
-            chunks = [self.native(rows, norm, eps) for rows in chunks]
+        if self.native is not None and x.dim() == 2 and rows <= self.chunked_max_rows:
+            chunks = [self.native(chunk) for chunk in x.split(cpu_kernels.MAX_ROWS)]
             if all(chunk is not None for chunk in chunks):
                 ys = chunks[0] if len(chunks) == 1 else [torch.cat(y) for y in zip(*chunks)]
         if ys is None:
-            if norm is not None:
-                x = _rms_norm(x, norm, eps, self.dtype)
-            return [projection(x) for projection in self.projections]
-        return [p.add_lora(x, y) for p, y in zip(self.projections, ys)]
+            ys = [projection(x) for projection in self.projections]
+        else:
+            ys = [p.add_lora(x, y) for p, y in zip(self.projections, ys)]
+        return ys if residual is None else [residual + y for y in ys]
 
 
 class _Block:
@@ -388,11 +395,9 @@ class TorchDecoder:
                 key_cache[:, start:end] = key.to(key_cache.dtype)
                 value_cache[:, start:end] = value.view(batch, length, kv, h)
                 attended = _attend(query * scale, key_cache[:, :end], value_cache[:, :end], causal)
-            (attended,) = block.output(attended)
-            x = x + attended
+            (x,) = block.output(attended, residual=x)
             gate, up = block.gate_up(x, block.ffw_norm, block.eps)
-            (down,) = block.down(F.gelu(gate, approximate="tanh") * up)
-            x = x + down
+            (x,) = block.down(gate, up=up, residual=x)
         x = _rms_norm(x, self.final_norm, self.eps, self.dtype)
         return x.view(batch, length, -1), updated_cache
 

@@ -287,3 +287,77 @@ def test_attention_declines_what_it_does_not_compute():
     ):
         assert cpu_kernels.attend(*args) is None
     assert not cache.any()  # nothing written
+
+
+def _geglu_float64(gate, up, dtype):
+    """GeGLU's hidden rows as the model rounds them: the GELU, then its product."""
+    import math
+
+    g = gate.double()
+    gelu = 0.5 * g * (1 + (math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)).tanh())
+    return (gelu.to(dtype).double() * up.double()).to(dtype).double()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_geglu_rows_equal_float64(dtype):
+    import torch
+
+    cpu_kernels = _kernel_or_skip()
+    rng = np.random.default_rng(3)
+    dtype = getattr(torch, dtype)
+    # Gates from -12 to 12 (both tails of the GELU and its middle); an
+    # identity weight, so the results are the rows themselves.
+    gate = torch.from_numpy(rng.uniform(-12, 12, (3, 75))).to(dtype)
+    up = torch.from_numpy(rng.standard_normal((3, 75))).to(dtype)
+    (y,) = cpu_kernels.prepare([torch.eye(75, dtype=dtype)])(gate, up=up)
+    expected = _geglu_float64(gate, up, dtype).numpy()
+    # float32: a few ulp; bfloat16: the same values but for a rare rounding
+    # tie. The far negative tail (|gelu| < 1e-6 of the largest) cancels in
+    # float32 for PyTorch's formula as well, so it gets an absolute bound.
+    tolerance = 1e-6 if dtype == torch.float32 else 2**-8
+    atol = 1e-6 * np.abs(expected).max()
+    np.testing.assert_allclose(y.double().numpy(), expected, rtol=tolerance, atol=atol)
+
+
+def test_a_residual_adds_the_rounded_product_as_the_model_does():
+    import torch
+
+    cpu_kernels = _kernel_or_skip()
+    rng = np.random.default_rng(4)
+    # Small integers: float32 sums are exact, so only the roundings differ.
+    weight = torch.from_numpy(rng.integers(-8, 9, (24, 75)).astype("float32")).bfloat16()
+    x = torch.from_numpy(rng.integers(-8, 9, (3, 75)).astype("float32")).bfloat16()
+    residual = torch.from_numpy(rng.standard_normal((3, 24)) * 3).bfloat16()
+    (y,) = cpu_kernels.prepare([weight])(x, residual=residual)
+    product = (x.double() @ weight.double().T).bfloat16()  # rounded, then added
+    assert torch.equal(y, (residual.double() + product.double()).bfloat16())
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_products_of_geglu_rows_plus_a_residual_equal_float64(dtype, weights):
+    import torch
+
+    cpu_kernels = _kernel_or_skip()
+    rng = np.random.default_rng(3)
+    dtype = getattr(torch, dtype)
+    if weights == "int8":
+        weight = torch.from_numpy(rng.integers(-127, 128, (24, 75), dtype=np.int8))
+    else:
+        weight = torch.from_numpy(rng.standard_normal((24, 75))).to(getattr(torch, weights))
+    gate = torch.from_numpy(rng.uniform(-12, 12, (3, 75))).to(dtype)
+    up = torch.from_numpy(rng.standard_normal((3, 75))).to(dtype)
+    residual = torch.from_numpy(rng.standard_normal((3, 24))).to(dtype)
+    products = cpu_kernels.prepare([weight])
+    (y,) = products(gate, up=up, residual=residual)
+    product = (_geglu_float64(gate, up, dtype) @ weight.double().T).to(dtype).double()
+    expected = residual.double() + product
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 result
+    assert y.dtype == dtype
+    np.testing.assert_allclose(
+        y.double().numpy(), expected.numpy(), atol=tolerance * expected.abs().max().item()
+    )
+    assert products(gate, up=up[:, :-1]) is None  # shapes that do not match
+    assert products(gate, residual=residual[:, :-1]) is None
+    assert products(gate, up=up.half()) is None  # nor dtypes
+    assert cpu_kernels.prepare([weight, weight])(gate, residual=residual) is None  # two outputs
