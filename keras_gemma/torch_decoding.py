@@ -181,8 +181,9 @@ _INT8_CHUNKED_MAX_ROWS = 32
 class _Projections:
     """Several projections of one input, `[rows, in]` -> a `[rows, out]`
     each, in one `cpu_kernels` call where it applies (decode steps on CPU):
-    a call costs tens of microseconds on top of its weights, and a layer's
-    key and value matrices are small enough for that to be most of theirs."""
+    each call and each PyTorch op costs microseconds on top of its weights,
+    and a layer's key and value matrices are small enough for that to be
+    most of theirs."""
 
     def __init__(self, layers, dtype):
         self.dtype = dtype
@@ -205,7 +206,8 @@ class _Projections:
             ys = self.native(x, norm, eps, up=up, residual=residual)
             if ys is not None:
                 return ys
-        # LoRA's update reads the kernel's input too, so it is computed here.
+        # Otherwise (LoRA, whose update reads the kernel's input too; more
+        # rows; no kernel) those steps run here.
         if norm is not None:
             x = _rms_norm(x, norm, eps, self.dtype)
         if up is not None:
