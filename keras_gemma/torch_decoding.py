@@ -9,10 +9,10 @@ It also picks the fast CPU kernels: `cpu_kernels`'s AVX2 products for up to
 16 rows (decode steps), which also apply the RMS norm, GeGLU's gating and the
 residual, and its one-call attention of a new position, so a decode layer
 runs no PyTorch op (its ~30 ops had cost ~1 ms beside ~6 ms of kernels in a
-step of the benchmark config);
-and oneDNN, `aten._weight_int8pack_mm` and `F.linear` for more rows or where
-those are not built, all of which want `[out, in]` storage, the layout every
-Gemma kernel is stored in (see `GemmaAttention`).
+step of the benchmark config); and oneDNN, `aten._weight_int8pack_mm` and
+`F.linear` for more rows or where those are not built, all of which want
+`[out, in]` storage, the layout every Gemma kernel is stored in (see
+`GemmaAttention`).
 
 It computes exactly what `GemmaBackbone.compute_hidden_states` plus
 `GemmaCausalLM.compute_logits` compute (same dtypes, same float32 islands;
