@@ -93,10 +93,13 @@ static inline uint16_t to_bf16(float v) {
     return v != v ? 0x7FC0 : (bits.u + 0x7FFF + ((bits.u >> 16) & 1)) >> 16;
 }
 
+/* v rounded to bfloat16, as a float32 again: where the model rounds. */
+static inline float round_bf16(float v) { return scalar_bf16(to_bf16(v)); }
+
 /* y[i] = v, or residual[i] + v (v rounded first: the model adds the rounded
  * product), in y's dtype. */
 static inline void store(void* y, int64_t i, float v, int y_bf16, const void* residual) {
-    if (residual && y_bf16) v = scalar_bf16(((const uint16_t*)residual)[i]) + scalar_bf16(to_bf16(v));
+    if (residual && y_bf16) v = scalar_bf16(((const uint16_t*)residual)[i]) + round_bf16(v);
     else if (residual) v = ((const float*)residual)[i] + v;
     if (y_bf16) ((uint16_t*)y)[i] = to_bf16(v);
     else ((float*)y)[i] = v;
@@ -143,7 +146,7 @@ static void gelu_times(float* out, const void* up, int bf16, int64_t count) {
         out[k] = lanes[0];
     }
     for (int64_t k = 0; k < count; k++) {
-        if (bf16) out[k] = scalar_bf16(to_bf16(scalar_bf16(to_bf16(out[k])) * scalar_bf16(((const uint16_t*)up)[k])));
+        if (bf16) out[k] = round_bf16(round_bf16(out[k]) * scalar_bf16(((const uint16_t*)up)[k]));
         else out[k] = out[k] * ((const float*)up)[k];
     }
 }
@@ -166,7 +169,7 @@ static float* float32_rows(const void* x, int x_bf16, const void* up, const floa
         const float inverse = 1.0f / sqrtf(squares / (float)in + eps);
         for (int64_t k = 0; k < in; k++) {
             row[k] = row[k] * inverse * norm[k];
-            if (x_bf16) row[k] = scalar_bf16(to_bf16(row[k]));
+            if (x_bf16) row[k] = round_bf16(row[k]);
         }
     }
     return out;
@@ -379,7 +382,6 @@ MATVEC(matvec_f32, float, load8_f32, scalar_f32, 0)
         return status;                                                                    \
     }
 
-static inline float round_bf16(float v) { return scalar_bf16(to_bf16(v)); }
 static inline float identity(float v) { return v; }
 
 ATTEND(attend_bf16, uint16_t, load8_bf16, scalar_bf16, round_bf16, to_bf16)

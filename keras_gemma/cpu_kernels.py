@@ -19,8 +19,10 @@ too.
 `prepare` binds a layer's weights once (the call then costs a few
 microseconds of Python); one call computes several products of the same
 rows (query, key and value) in one pass of the threads, reads and writes
-bfloat16 itself, and can RMS-normalize the rows first: the calls, not the
-weights, were most of the time of small matrices.
+bfloat16 itself, and can apply the RMS norm, GeGLU's gating and the residual
+add around the products: the calls and the small PyTorch ops, not the
+weights, were most of the time of small matrices. `attend` does the same
+for a decode step's attention.
 
 It is optional: without x86-64 Linux, AVX2 and FMA, or a working `cc`,
 `matvec` returns None and `torch_decoding` uses the stock kernels;
