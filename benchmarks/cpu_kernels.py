@@ -40,10 +40,10 @@ def torch_kernels():
     os.environ.setdefault("KERAS_BACKEND", "torch")
     import torch
 
-    from keras_gemma import cpu_kernels
-    from keras_gemma.cpu_kernels import matvec
-    from keras_gemma.torch_decoding import _linear
-    from keras_gemma.torch_decoding import _linear_in_float32_pieces
+    from keras_gemma.backends import cpu_kernels
+    from keras_gemma.backends.cpu_kernels import matvec
+    from keras_gemma.backends.torch_cpu import _linear
+    from keras_gemma.backends.torch_cpu import _linear_in_float32_pieces
 
     print("torch (2048 -> 16384 per matrix)")
     native = cpu_kernels._library() is not None

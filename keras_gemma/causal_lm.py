@@ -252,7 +252,7 @@ class GemmaCausalLM(keras.Model):
         torch (`keras_gemma.torch_decoding`), reading this call's weights.
         """
         if keras.config.backend() == "torch":
-            from keras_gemma import torch_decoding
+            from keras_gemma.backends import torch_cpu as torch_decoding
 
             if torch_decoding.supports(self.backbone):
                 decoder = torch_decoding.TorchDecoder(self.backbone)

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _kernel_or_skip():
-    from keras_gemma import cpu_kernels
+    from keras_gemma.backends import cpu_kernels
 
     if cpu_kernels._library() is None:
         pytest.skip("no AVX2 + FMA or no C compiler here")
@@ -65,7 +65,7 @@ def test_matvec_declines_what_it_does_not_compute():
 def test_without_a_compiler_it_warns_once_and_declines(monkeypatch, tmp_path):
     import torch
 
-    from keras_gemma import cpu_kernels
+    from keras_gemma.backends import cpu_kernels
 
     if not cpu_kernels._cpu_has_avx2_and_fma():
         pytest.skip("the kernel is never built on this CPU")
@@ -83,7 +83,7 @@ def test_without_a_compiler_it_warns_once_and_declines(monkeypatch, tmp_path):
 def test_builds_once_into_the_cache(monkeypatch, tmp_path):
     import torch
 
-    from keras_gemma import cpu_kernels
+    from keras_gemma.backends import cpu_kernels
 
     _kernel_or_skip()
     monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path))
@@ -104,7 +104,7 @@ def test_builds_once_into_the_cache(monkeypatch, tmp_path):
 def test_turned_off_by_the_environment(monkeypatch):
     import torch
 
-    from keras_gemma import cpu_kernels
+    from keras_gemma.backends import cpu_kernels
 
     monkeypatch.setenv("KERAS_GEMMA_NATIVE", "0")
     cpu_kernels._library.cache_clear()
@@ -117,7 +117,7 @@ def test_turned_off_by_the_environment(monkeypatch):
 def test_a_failing_compiler_is_quoted(monkeypatch, tmp_path):
     import torch
 
-    from keras_gemma import cpu_kernels
+    from keras_gemma.backends import cpu_kernels
 
     if not cpu_kernels._cpu_has_avx2_and_fma():
         pytest.skip("the kernel is never built on this CPU")

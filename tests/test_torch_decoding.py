@@ -35,7 +35,7 @@ def _prepare(variant):
 )
 @pytest.mark.parametrize("native", [True, False])
 def test_prefill_and_steps_equal_the_keras_forward(monkeypatch, variant, native):
-    from keras_gemma.torch_decoding import TorchDecoder
+    from keras_gemma.backends.torch_cpu import TorchDecoder
 
     _use_cpu_kernels(monkeypatch, native)
     lm = _prepare(variant)
@@ -76,8 +76,8 @@ def test_prefill_and_steps_equal_the_keras_forward(monkeypatch, variant, native)
 def test_int8_prefill_rows_past_16_go_through_the_kernel_in_chunks(monkeypatch, variant):
     import torch
 
-    from keras_gemma import cpu_kernels
-    from keras_gemma.torch_decoding import TorchDecoder
+    from keras_gemma.backends import cpu_kernels
+    from keras_gemma.backends.torch_cpu import TorchDecoder
 
     _use_cpu_kernels(monkeypatch, True)
     rows_per_call = []
@@ -103,7 +103,7 @@ def test_int8_prefill_rows_past_16_go_through_the_kernel_in_chunks(monkeypatch, 
 
 @pytest.mark.parametrize("variant", ["int8", "bfloat16"])
 def test_decoder_kernels_are_keras_storage(variant):
-    from keras_gemma.torch_decoding import TorchDecoder
+    from keras_gemma.backends.torch_cpu import TorchDecoder
 
     lm = _prepare(variant)
     inputs = {"token_ids": np.array([[2, 7, 9, 11]]), "padding_mask": np.ones((1, 4))}
@@ -124,7 +124,7 @@ def test_decoder_kernels_are_keras_storage(variant):
 
 
 def test_int8_activations_generate_through_the_keras_forward():
-    from keras_gemma import torch_decoding
+    from keras_gemma.backends import torch_cpu as torch_decoding
 
     lm = GemmaCausalLM(make_backbone("gqa", seed=3))
     lm.quantize("int8", config=keras.quantizers.Int8QuantizationConfig())
@@ -139,7 +139,7 @@ def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype,
     """PyTorch's kernels, where `cpu_kernels` (tested on its own) does not apply."""
     import torch
 
-    from keras_gemma import torch_decoding
+    from keras_gemma.backends import torch_cpu as torch_decoding
 
     rng = np.random.default_rng(0)
     kernel = torch.from_numpy(rng.integers(-127, 128, (37, in_dim), dtype=np.int8))
@@ -170,7 +170,7 @@ def test_int8_products_equal_float64_for_any_rows_and_layout(monkeypatch, dtype,
 def _use_cpu_kernels(monkeypatch, native):
     """Run the decoder's products through `cpu_kernels` (skip where it is not
     built) or through PyTorch's kernels only."""
-    from keras_gemma import cpu_kernels
+    from keras_gemma.backends import cpu_kernels
 
     if not native:
         monkeypatch.setattr(cpu_kernels, "prepare", lambda *args: None)
@@ -184,7 +184,7 @@ def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype
     """PyTorch's kernels, where `cpu_kernels` (tested on its own) does not apply."""
     import torch
 
-    from keras_gemma import torch_decoding
+    from keras_gemma.backends import torch_cpu as torch_decoding
 
     if onednn and not torch_decoding._has_onednn_linear():
         pytest.skip("this torch build has no oneDNN")

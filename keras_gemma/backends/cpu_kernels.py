@@ -33,7 +33,7 @@ file.
 
 Example:
 >>> import torch
->>> from keras_gemma import cpu_kernels
+>>> from keras_gemma.backends import cpu_kernels
 >>> weight, x = torch.randn(64, 32).bfloat16(), torch.randn(1, 32)
 >>> y = cpu_kernels.matvec(x, weight)
 >>> y is None or torch.allclose(y, x @ weight.float().T, atol=1e-4)

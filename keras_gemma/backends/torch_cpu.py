@@ -28,7 +28,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from keras_gemma import cpu_kernels
+from keras_gemma.backends import cpu_kernels
 from keras_gemma.backbone import quantizable_layers
 from keras_gemma.layers.attention import _MASKED_LOGIT
 from keras_gemma.layers.rotary_embedding import inverse_frequencies

@@ -1,0 +1,1 @@
+"""Backend-, device- and CPU-specific fast paths, behind one seam."""
