@@ -10,6 +10,11 @@ keras-hub's layout from loading 2B model-parallel). Norm scales and LoRA
 adapters are small and replicated; weights are replicated across the data
 (batch) axis, which carries the batch.
 
+Without a config (keras-hub's `GemmaBackbone.get_layout_map(mesh)`, set before
+`from_preset`) each matrix gets the first preferred axis that the model axis
+divides in every Gemma 1 preset, else is replicated, so one layout loads any
+preset; a config gives the best layout for that model.
+
 Example:
 >>> import keras
 >>> from keras_gemma import GemmaConfig
@@ -23,6 +28,8 @@ Example:
 (None, None, 'model')
 >>> layout_map["decoder_block_0/attention/query/kernel"].axes
 ('model', None, None)
+>>> get_layout_map(None, mesh)["decoder_block_0/attention/key/kernel"].axes
+(None, None, 'model')
 """
 
 import re
@@ -30,6 +37,12 @@ import re
 import keras
 
 from keras_gemma.config import GemmaConfig
+from keras_gemma.presets import PRESETS
+
+# One config per preset architecture: what a config-less layout must fit.
+_PRESET_CONFIGS = tuple(
+    {p["architecture"]: GemmaConfig(**p["config"]) for p in PRESETS.values()}.values()
+)
 
 # Variable-path regex -> (example path in `GemmaConfig.weight_shapes()`,
 # axes to shard in order of preference, whether it must be shardable).
@@ -73,7 +86,7 @@ _REPLICATED = {
 
 
 def _as_config(config):
-    if isinstance(config, GemmaConfig):
+    if config is None or isinstance(config, GemmaConfig):
         return config
     if isinstance(config, dict):
         keys = GemmaConfig.__dataclass_fields__
@@ -81,9 +94,8 @@ def _as_config(config):
     if hasattr(config, "config") and isinstance(config.config, GemmaConfig):
         return config.config  # a GemmaBackbone
     raise ValueError(
-        "The layout depends on the model's shapes (e.g. one key/value head in "
-        "2B): pass `config=` a `GemmaConfig`, a backbone config dict or a "
-        f"`GemmaBackbone`. Received: {config!r}"
+        "`config` must be a `GemmaConfig`, a backbone config dict, a "
+        f"`GemmaBackbone` or None (a layout for every preset). Received: {config!r}"
     )
 
 
@@ -110,20 +122,24 @@ def _check_mesh(device_mesh, model_parallel_dim_name, data_parallel_dim_name):
 
 
 def variable_axes(config, path, model_size, model_parallel_dim_name="model"):
-    """Sharding spec (a tuple of mesh axis names or None) for one variable path."""
-    shapes = config.weight_shapes()
+    """Sharding spec (a tuple of mesh axis names or None) for one variable path.
+
+    `config=None` gives the spec that fits every Gemma 1 preset.
+    """
+    configs = _PRESET_CONFIGS if config is None else (config,)
     for pattern, (example, preferences, required) in _RULES.items():
         if not re.fullmatch(pattern, path):
             continue
-        shape = shapes[example]
+        shapes = [c.weight_shapes()[example] for c in configs]
+        shape = shapes[0]
         for axis in preferences:
             # A size-1 axis (the single key/value head) is never sharded, even
             # over a mesh axis of size 1.
-            if shape[axis] > 1 and shape[axis] % model_size == 0:
+            if all(s[axis] > 1 and s[axis] % model_size == 0 for s in shapes):
                 axes = [None] * len(shape)
                 axes[axis] = model_parallel_dim_name
                 return tuple(axes)
-        if required:
+        if required and config is not None:
             raise ValueError(
                 f"Cannot shard '{path}' (shape {shape}) over a model-parallel mesh "
                 f"axis of size {model_size}: it divides none of the axes. Use a "
@@ -148,7 +164,9 @@ def get_layout_map(
 
     Args:
         config: a `GemmaConfig` (or backbone config dict, or a backbone):
-            the layout depends on head counts and widths.
+            the layout depends on head counts and widths. `None`: one layout
+            valid for every Gemma 1 preset (what keras-hub's config-less
+            `get_layout_map(mesh)` is for).
         device_mesh: a `keras.distribution.DeviceMesh` with both axes below.
         model_parallel_dim_name: mesh axis the weights are split over.
         data_parallel_dim_name: mesh axis the batch is split over; weights are
@@ -157,11 +175,12 @@ def get_layout_map(
     Returns:
         A `LayoutMap` keyed by regexes over variable paths; use it as
         `keras.distribution.ModelParallel(layout_map=..., batch_dim_name=...)`
-        and build the backbone inside that distribution's `scope()`.
+        and build the backbone inside that distribution's `scope()` or after
+        `keras.distribution.set_distribution(...)`.
 
     Raises:
-        ValueError: for a mesh without these axes, or whose model axis size
-            divides no axis of one of the big matrices.
+        ValueError: for a mesh without these axes, or (with a config) whose
+            model axis size divides no axis of one of the big matrices.
     """
     config = _as_config(config)
     model_size = _check_mesh(device_mesh, model_parallel_dim_name, data_parallel_dim_name)

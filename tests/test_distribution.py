@@ -24,8 +24,11 @@ from helpers import to_numpy
 
 from keras_gemma import GemmaBackbone
 from keras_gemma import GemmaCausalLM
+from keras_gemma import GemmaCausalLMPreprocessor
 from keras_gemma import GemmaConfig
 from keras_gemma import distribution as distribution_lib
+from keras_gemma.presets import PRESETS
+from keras_gemma.presets import preset_config
 
 MESHES = [(1, 8), (2, 4), (8, 1)]
 BIG = ("embeddings", "query", "attention_output", "ffw_gating", "ffw_linear")
@@ -86,12 +89,31 @@ def test_layout_errors_are_clear():
         )
     with pytest.raises(ValueError, match="DeviceMesh"):
         GemmaBackbone.get_layout_map((1, 8), config=config)
-    with pytest.raises(ValueError, match="pass `config="):
-        GemmaBackbone.get_layout_map(mesh)
+    with pytest.raises(ValueError, match="`config` must be a `GemmaConfig`"):
+        GemmaBackbone.get_layout_map(mesh, config="gemma_2b_en")
     # 3 model shards divide none of 2B's axes (the embedding [256000, 2048] first).
     mesh_3 = keras.distribution.DeviceMesh((1, 3), ("batch", "model"), devices=["a", "b", "c"])
     with pytest.raises(ValueError, match="Cannot shard .*size 3"):
         GemmaBackbone.get_layout_map(mesh_3, config=GEMMA_2B)
+    # Without a config nothing is sharded that some preset could not take.
+    replicated = GemmaBackbone.get_layout_map(mesh_3)
+    assert all("model" not in layout.axes for layout in replicated._layout_map.values())
+
+
+@pytest.mark.parametrize("model_size", [2, 4, 8])
+def test_config_less_layout_fits_every_preset(model_size):
+    """keras-hub's `get_layout_map(mesh)`, given before the preset is chosen."""
+    layout_map = GemmaBackbone.get_layout_map(_mesh((8 // model_size, model_size)))
+    for name in PRESETS:
+        for path, shape in preset_config(name).weight_shapes().items():
+            axes = layout_map[path].axes
+            assert len(axes) == len(shape) and "batch" not in axes, (name, path)
+            for size, axis in zip(shape, axes):
+                if axis == "model":  # fails on 2B's single key/value head
+                    assert size > 1 and size % model_size == 0, (name, path, shape, axes)
+            if any(part in path for part in BIG):
+                assert "model" in axes, (name, path, axes)
+    assert layout_map["decoder_block_0/attention/key/kernel"].axes == (None, None, "model")
 
 
 # Sharded runs: JAX with 8 devices.
@@ -221,6 +243,33 @@ def _lora_fit_and_generate(layout, mesh_shape):
         assert np.all(np.isfinite(losses)) and losses[1] < losses[0]
         _generate(lm)
     _check_layout(backbone, distribution._layout_map, mesh_shape[1])  # training kept them
+
+
+@needs_eight_devices
+@pytest.mark.parametrize("mesh_shape", [(2, 4), (1, 8)])
+def test_keras_io_flow_set_distribution_then_from_preset(tmp_path, tokenizer, mesh_shape):
+    """keras.io's distributed fine-tuning recipe with keras_hub -> keras_gemma."""
+    # Multi-query like 2B, with 8 query heads and widths 8 divides: shapes the
+    # config-less layout can shard.
+    backbone = make_backbone("mqa", num_query_heads=8)
+    reference = GemmaCausalLM(backbone, GemmaCausalLMPreprocessor(tokenizer, 16))
+    reference.save_to_preset(tmp_path / "tiny")
+    expected = to_numpy(reference(INPUTS))
+    expected_text = reference.generate("The quick", max_length=10)
+    device_mesh = keras.distribution.DeviceMesh(
+        mesh_shape, ("batch", "model"), devices=keras.distribution.list_devices()
+    )
+    layout_map = GemmaBackbone.get_layout_map(device_mesh)
+    try:
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+        )
+        lm = GemmaCausalLM.from_preset(str(tmp_path / "tiny"))
+        _check_layout(lm.backbone, layout_map, mesh_shape[1])
+        np.testing.assert_allclose(to_numpy(lm(INPUTS)), expected, atol=1e-5)
+        assert lm.generate("The quick", max_length=10) == expected_text
+    finally:
+        keras.distribution.set_distribution(None)
 
 
 @needs_eight_devices
