@@ -5,7 +5,7 @@ import functools
 import keras
 from keras import ops
 
-from keras_gemma import _backend
+from keras_gemma import checkpoints
 from keras_gemma import distribution
 from keras_gemma import lora
 from keras_gemma.config import GemmaConfig
@@ -187,10 +187,7 @@ class GemmaBackbone(keras.Model):
             `(hidden_states, cache)`: `[batch, sequence, hidden_dim]` and the
             updated cache (`None` if none was given).
         """
-        if cache is None:
-            x = self.token_embedding(token_ids)
-        else:
-            x = _backend.decode_embedding_lookup(self.token_embedding, token_ids)
+        x = self.token_embedding(token_ids)
         # Gemma scales embeddings by sqrt(hidden_dim) in the compute dtype, as
         # the reference implementations do; in bfloat16 this rounds.
         x = x * ops.cast(self.config.hidden_dim**0.5, x.dtype)
@@ -270,14 +267,10 @@ class GemmaBackbone(keras.Model):
         `"bfloat16"`) sets the backbone dtype (default: the one it was saved
         in); `kwargs` override the config.
         """
-        from keras_gemma import checkpoints
-
-        return checkpoints.load_backbone(preset, load_weights, dtype, **kwargs)
+        return checkpoints.load_backbone(cls, preset, load_weights, dtype, **kwargs)
 
     def save_to_preset(self, preset_dir):
         """Writes the Keras preset layout (config.json, model.weights.h5), atomically."""
-        from keras_gemma import checkpoints
-
         checkpoints.save_backbone(self, preset_dir)
 
     @staticmethod

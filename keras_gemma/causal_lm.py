@@ -1,29 +1,22 @@
 """GemmaCausalLM: logits, fit on text, generate, score."""
 
-import math
 import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_gemma import _backend
+from keras_gemma import checkpoints
 from keras_gemma import lora
 from keras_gemma import samplers as samplers_lib
+from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.backbone import weight_only_int8_by_default
 from keras_gemma.data import adapt_fit_inputs
-from keras_gemma.preprocessor import _as_string_list
+from keras_gemma.generation import Generator
+from keras_gemma.generation import check_token_ids
+from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
+from keras_gemma.preprocessor import as_string_list
 from keras_gemma.presets import PRESETS
-
-# Generation pads sequence lengths up to buckets (16, 24, 32, 48, 64, 96, ...:
-# powers of two and their midpoints), so new prompt lengths or `max_length`s
-# reuse a compiled loop, while padding wastes at most a third.
-_MIN_BUCKET = 16
-
-
-def _bucket(length):
-    power = 2 ** math.ceil(math.log2(max(length, _MIN_BUCKET)))
-    return power * 3 // 4 if length <= power * 3 // 4 and power > _MIN_BUCKET else power
 
 
 def token_log_probabilities(logits, target_ids):
@@ -41,25 +34,6 @@ def token_log_probabilities(logits, target_ids):
     log_probabilities = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
     target_ids = ops.cast(target_ids, "int32")[..., None]
     return ops.take_along_axis(log_probabilities, target_ids, axis=-1)[..., 0]
-
-
-def _check_token_ids(token_ids, vocabulary_size):
-    token_ids = np.asarray(ops.convert_to_numpy(token_ids))
-    if token_ids.ndim != 2:
-        raise ValueError(
-            "`token_ids` must be a 2-D `[batch, sequence]` array. "
-            f"Received shape {token_ids.shape}."
-        )
-    if not np.issubdtype(token_ids.dtype, np.integer):
-        raise TypeError(f"`token_ids` must be integers. Received dtype {token_ids.dtype}.")
-    if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocabulary_size):
-        bad = token_ids[(token_ids < 0) | (token_ids >= vocabulary_size)]
-        raise ValueError(
-            f"Token ids must be in [0, {vocabulary_size}) for this model's "
-            f"vocabulary; found {sorted(set(bad.tolist()))[:10]}. Check that "
-            "the tokenizer matches the model."
-        )
-    return token_ids.astype("int32")
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -95,7 +69,7 @@ class GemmaCausalLM(keras.Model):
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.sampler = samplers_lib.get("greedy")
-        self._generate_functions = {}
+        self._generator = Generator(self)
         self.built = True
 
     def call(self, inputs, training=None):
@@ -131,7 +105,7 @@ class GemmaCausalLM(keras.Model):
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
         self.sampler = samplers_lib.get(sampler)
-        self._generate_functions = {}
+        self._generator.clear()
 
     def quantize(self, mode=None, **kwargs):
         """Quantizes the backbone's weights (e.g. `"int8"`, weight-only); see
@@ -200,106 +174,19 @@ class GemmaCausalLM(keras.Model):
             raise ValueError(f"`stop_token_ids` must be in [0, {vocabulary_size}). Received {ids}.")
         return ids
 
-    def _next_logits(self, ids, cache, index):
-        """Logits for position `index`, feeding the token before it through the cache."""
-        # Beam search widens the batch, so read it from `ids`.
-        token = ops.slice(ids, [0, index - 1], [ops.shape(ids)[0], 1])
-        hidden, cache = self.backbone.compute_hidden_states(
-            token, cache=cache, cache_update_index=index - 1
-        )
-        return self._decode_logits(hidden[:, 0]), cache
-
-    def _decode_logits(self, hidden):
+    def compute_step_logits(self, hidden):
         """`compute_logits` of one position, `[batch, hidden]` -> `[batch, vocab]`.
 
-        Written `embeddings @ hidden` (contracting the feature axis of both)
-        rather than `hidden @ transpose(embeddings)`: for the latter, XLA on
-        CPU (JAX and TensorFlow) emits the whole `[vocab, hidden]` transpose
-        (65 MB on the small benchmark config) fused into a loop-emitted
-        product inside the decode loop, every token, instead of calling its
-        matrix-vector kernel.
+        Written `embeddings @ hidden`: for `hidden @ transpose(embeddings)`,
+        XLA's CPU compiler writes out the transposed table in every decode
+        step instead of calling its matrix-vector kernel.
         """
         embedding = self.backbone.token_embedding
         if embedding.quantization_mode is not None:
             return self.compute_logits(hidden[:, None])[:, 0]
         dtype = embedding.compute_dtype
         embeddings, hidden = ops.cast(embedding.embeddings, dtype), ops.cast(hidden, dtype)
-        if _backend.accumulates_in_float32(dtype):
-            # JAX's bfloat16 products on CPU (see the function).
-            if hidden.shape[0] == 1:
-                return _backend.one_row_product_in_float32(hidden, embeddings)
-            return _backend.einsum_in_float32("vd,bd->bv", embeddings, hidden)
         return ops.cast(ops.einsum("vd,bd->bv", embeddings, hidden), "float32")
-
-    def _prefill(self, token_ids, prefill_length, start):
-        """The cache of the first `prefill_length` tokens, and the logits
-        `[batch, vocab]` for position `start` (so decoding begins after it)."""
-        batch_size, length = ops.shape(token_ids)
-        cache = self.backbone.empty_cache(batch_size, length)
-        # One pass over the (bucketed) prompts; decoding then only computes
-        # its new position. Slots past a shorter prompt are overwritten by
-        # the decode steps before any query can see them.
-        hidden, cache = self.backbone.compute_hidden_states(
-            token_ids[:, :prefill_length], cache=cache
-        )
-        return cache, self._decode_logits(ops.take(hidden, start - 1, axis=1))
-
-    def _decoding_functions(self):
-        """`(prefill, next_logits)` for one generation call.
-
-        PyTorch decodes eagerly, where Keras's per-op dispatch would cost
-        two thirds of each step, so it runs the same computation in plain
-        torch (`keras_gemma.torch_decoding`), reading this call's weights.
-        """
-        if keras.config.backend() == "torch":
-            from keras_gemma.backends import torch_cpu as torch_decoding
-
-            if torch_decoding.supports(self.backbone):
-                decoder = torch_decoding.TorchDecoder(self.backbone)
-                return decoder.prefill, decoder.next_logits
-        return self._prefill, self._next_logits
-
-    def _compiled(self, key, function, whole_loop=True):
-        """`function` compiled for this backend, cached per key and weights.
-
-        Eager PyTorch has nothing to cache, and its functions close over
-        this call's weights, so they are wrapped afresh each call.
-        """
-        if keras.config.backend() == "torch":
-            return _backend.compile_stateless(function, self)
-        key = (key, tuple(id(v) for v in self.variables))
-        if key not in self._generate_functions:
-            self._generate_functions[key] = _backend.compile_stateless(
-                function, self, whole_loop=whole_loop
-            )
-        return self._generate_functions[key]
-
-    def _prepare_prompts(self, token_ids, padding_mask):
-        """Validates right-padded prompts; pads the width to its bucket."""
-        token_ids = _check_token_ids(token_ids, self.backbone.vocabulary_size)
-        padding_mask = np.asarray(ops.convert_to_numpy(padding_mask)).astype(bool)
-        if padding_mask.shape != token_ids.shape:
-            raise ValueError(
-                "`padding_mask` must have the shape of `token_ids`; received "
-                f"{padding_mask.shape} and {token_ids.shape}."
-            )
-        batch_size, max_length = token_ids.shape
-        prompt_lengths = padding_mask.sum(axis=1).astype("int32")
-        if not np.array_equal(padding_mask, np.arange(max_length) < prompt_lengths[:, None]):
-            raise ValueError(
-                "Prompts must be right-padded: `padding_mask` must be 1 on a "
-                "prefix of each row and 0 after it."
-            )
-        if prompt_lengths.min() < 1:
-            raise ValueError("Every prompt needs at least one token (e.g. the start token).")
-        if prompt_lengths.max() >= max_length:
-            raise ValueError(
-                f"`max_length`={max_length} must be greater than the longest "
-                f"prompt ({prompt_lengths.max()} tokens) to leave room to generate."
-            )
-        padded = np.zeros((batch_size, _bucket(max_length)), "int32")
-        padded[:, :max_length] = token_ids
-        return padded, prompt_lengths, max_length
 
     def generate_tokens(self, token_ids, padding_mask, stop_token_ids=()):
         """Generates into the padding of right-padded `token_ids`.
@@ -307,49 +194,14 @@ class GemmaCausalLM(keras.Model):
         Returns `{"token_ids", "padding_mask"}` as NumPy arrays; the mask
         covers the prompt and generated tokens up to the first stop token.
         """
-        padded, prompt_lengths, max_length = self._prepare_prompts(token_ids, padding_mask)
-        prefill_length = _bucket(int(prompt_lengths.max()))
-        prefill, next_logits = self._decoding_functions()
-
-        def generate_step(token_ids, prompt_lengths, max_length, seed):
-            prompt_mask = ops.arange(ops.shape(token_ids)[1])[None, :] < prompt_lengths[:, None]
-            index = ops.min(prompt_lengths)
-            cache, logits = prefill(token_ids, prefill_length, index)
-            if not isinstance(self.sampler, samplers_lib.BeamSampler):
-                # The prefill's own logits give the first token: one decode
-                # step fewer (an eighth of the work for 8 new tokens).
-                token_ids, cache, index, seed = self.sampler.step(
-                    lambda *_: (logits, cache), token_ids, cache, index, prompt_mask, seed
-                )
-            return self.sampler(
-                next_logits,
-                token_ids,
-                cache,
-                index,
-                prompt_mask,
-                max_length,
-                stop_token_ids,
-                seed,
-            )
-
-        function = self._compiled(("generate", prefill_length, stop_token_ids), generate_step)
-        output, seed = function(
-            ops.convert_to_tensor(padded),
-            ops.convert_to_tensor(prompt_lengths),
-            ops.convert_to_tensor(max_length, "int32"),
-            self.sampler.initial_seed(),
+        output, prompt_lengths, max_length = self._generator.generate(
+            token_ids, padding_mask, stop_token_ids
         )
-        self._advance_seed(seed)
-        output = np.asarray(ops.convert_to_numpy(output))[:, :max_length]
         # Keep tokens up to and including each row's first generated stop.
         generated = np.arange(max_length)[None, :] >= prompt_lengths[:, None]
         is_stop = np.isin(output, stop_token_ids) & generated
         after_stop = (np.cumsum(is_stop, axis=1) - is_stop) > 0
         return {"token_ids": output, "padding_mask": (~after_stop).astype("int32")}
-
-    def _advance_seed(self, seed):
-        if self.sampler.seed_generator is not None:
-            self.sampler.seed_generator.state.assign(seed)
 
     def generate_stream(self, inputs, max_length=None, stop_token_ids="auto"):
         """Yields the text of one prompt piece by piece as it is decoded.
@@ -370,61 +222,25 @@ class GemmaCausalLM(keras.Model):
                 "`generate_stream` takes one prompt string; for a batch use `generate`. "
                 f"Received: {type(inputs).__name__}"
             )
-        self._ensure_sampler_streams()
         batch = self.preprocessor.generate_preprocess([inputs], sequence_length=max_length)
-        padded, prompt_lengths, max_length = self._prepare_prompts(
-            batch["token_ids"], batch["padding_mask"]
-        )
-        prefill_length = _bucket(int(prompt_lengths[0]))
-        prefill_cache, next_logits = self._decoding_functions()
-        prefill = self._compiled(
-            ("prefill", prefill_length),
-            lambda ids: prefill_cache(ids, prefill_length, 1)[0],  # (cache only)
-            whole_loop=False,
-        )
-        step = self._compiled(
-            "step",
-            lambda ids, cache, index, mask, seed: self.sampler.step(
-                next_logits, ids, cache, index, mask, seed
-            ),
-            whole_loop=False,
-        )
-        ids = ops.convert_to_tensor(padded)
-        mask = ops.convert_to_tensor(np.arange(padded.shape[1])[None] < prompt_lengths[:, None])
-        cache = prefill(ids)
-        seed = self.sampler.initial_seed()
         tokenizer = self.preprocessor.tokenizer
         special = {tokenizer.pad_token_id, tokenizer.start_token_id, tokenizer.end_token_id}
         generated, emitted = [], ""
-        try:
-            for index in range(int(prompt_lengths[0]), max_length):
-                ids, cache, _, seed = step(
-                    ids, cache, ops.convert_to_tensor(index, "int32"), mask, seed
-                )
-                token = int(ops.convert_to_numpy(ids[0, index]))
-                if token in stop_token_ids:
-                    break
-                if token in special:
-                    continue
-                generated.append(token)
-                text = tokenizer.detokenize(generated)
-                # Hold back a piece ending in half a UTF-8 character (a byte
-                # token) until its other bytes arrive.
-                if not text.endswith("\ufffd") and len(text) > len(emitted):
-                    yield text[len(emitted) :]
-                    emitted = text
+        for token in self._generator.stream(batch["token_ids"], batch["padding_mask"]):
+            if token in stop_token_ids:
+                break
+            if token in special:
+                continue
+            generated.append(token)
             text = tokenizer.detokenize(generated)
-            if len(text) > len(emitted):
+            # Hold back a piece ending in half a UTF-8 character (a byte
+            # token) until its other bytes arrive.
+            if not text.endswith("\ufffd") and len(text) > len(emitted):
                 yield text[len(emitted) :]
-        finally:
-            self._advance_seed(seed)
-
-    def _ensure_sampler_streams(self):
-        if isinstance(self.sampler, samplers_lib.BeamSampler):
-            raise ValueError(
-                "Beam search cannot stream token by token; compile with a sampling "
-                "sampler (e.g. 'greedy' or 'top_k') or use `generate`."
-            )
+                emitted = text
+        text = tokenizer.detokenize(generated)
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
 
     def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
         """Generates text (or tokens) from prompts.
@@ -463,7 +279,7 @@ class GemmaCausalLM(keras.Model):
                 "'token_ids' and 'padding_mask', not text. Attach one with "
                 "GemmaCausalLM(backbone, preprocessor=...)."
             )
-        prompts, single = _as_string_list(inputs, "The prompts")
+        prompts, single = as_string_list(inputs, "The prompts")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
             raise ValueError(f"`max_length` must be an integer >= 2. Received: {max_length!r}")
         batch = self.preprocessor.generate_preprocess(prompts, sequence_length=max_length)
@@ -496,7 +312,7 @@ class GemmaCausalLM(keras.Model):
         modes = ("logits", "loss", "log_probs")
         if scoring_mode not in modes:
             raise ValueError(f"`scoring_mode` must be one of {modes}. Received {scoring_mode!r}")
-        token_ids = _check_token_ids(token_ids, self.backbone.vocabulary_size)
+        token_ids = check_token_ids(token_ids, self.backbone.vocabulary_size)
         if padding_mask is None:
             padding_mask = np.ones_like(token_ids)
         padding_mask = np.asarray(ops.convert_to_numpy(padding_mask)).astype("int32")
@@ -511,7 +327,7 @@ class GemmaCausalLM(keras.Model):
             valid = np.zeros_like(padding_mask)
             valid[:, :-1] = padding_mask[:, 1:] * padding_mask[:, :-1]
         else:
-            target_ids = _check_token_ids(target_ids, self.backbone.vocabulary_size)
+            target_ids = check_token_ids(target_ids, self.backbone.vocabulary_size)
             valid = padding_mask
         log_probabilities = token_log_probabilities(logits, target_ids)
         log_probabilities = log_probabilities * ops.cast(valid, "float32")
@@ -520,6 +336,9 @@ class GemmaCausalLM(keras.Model):
     # Presets: `keras_gemma.checkpoints` does the work.
 
     presets = PRESETS  # read-only {name: metadata} of the Gemma 1 presets
+    # The classes `from_preset` builds, named as keras-hub names them.
+    backbone_cls = GemmaBackbone
+    preprocessor_cls = GemmaCausalLMPreprocessor
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, dtype=None, **kwargs):
@@ -535,20 +354,14 @@ class GemmaCausalLM(keras.Model):
             **kwargs: `sequence_length` for the preprocessor; others
                 override the backbone config (e.g. `dropout`).
         """
-        from keras_gemma import checkpoints
-
-        return checkpoints.load_causal_lm(preset, load_weights, dtype, **kwargs)
+        return checkpoints.load_causal_lm(cls, preset, load_weights, dtype, **kwargs)
 
     def save_to_preset(self, preset_dir):
         """Writes keras-hub's Keras preset layout, atomically; keras-hub loads it too."""
-        from keras_gemma import checkpoints
-
         checkpoints.save_causal_lm(self, preset_dir)
 
     def export_to_huggingface(self, directory):
         """Writes a Hugging Face checkpoint (safetensors, config.json, tokenizer.model)."""
-        from keras_gemma import checkpoints
-
         checkpoints.export_huggingface(self, directory)
 
     def get_config(self):

@@ -39,6 +39,10 @@ class Sampler:
     draw from `self.seed_generator`; its state is threaded through the loop
     explicitly so compiled loops stay pure and a fixed `seed` reproduces.
 
+    Generation reads two declarations: `streams` (it can decode one token
+    per call, `step`) and `first_token_from_prefill` (its first token can be
+    drawn from the prompt pass's logits, saving a decode step).
+
     Args:
         temperature: logits are divided by it before the softmax.
 
@@ -51,6 +55,9 @@ class Sampler:
     >>> int(ArgmaxSampler().get_next_token(np.array([[0.1, 0.9]]))[0])
     1
     """
+
+    streams = True
+    first_token_from_prefill = True
 
     def __init__(self, temperature=1.0):
         if temperature <= 0:
@@ -259,17 +266,14 @@ class BeamSampler(Sampler):
     3
     """
 
+    streams = False  # candidates change until the end
+    first_token_from_prefill = False  # its loop scores the first position itself
+
     def __init__(self, num_beams=5, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(num_beams, int) or num_beams < 1:
             raise ValueError(f"`num_beams` must be a positive integer. Received: {num_beams!r}")
         self.num_beams = num_beams
-
-    def step(self, next, prompt, cache, index, mask, seed):
-        raise ValueError(
-            "Beam search keeps several candidates until the end, so it cannot "
-            "stream token by token; use `generate`, or a sampling sampler."
-        )
 
     def __call__(self, next, prompt, cache, index, mask, max_length, stop_token_ids=(), seed=None):
         beams = self.num_beams

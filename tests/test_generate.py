@@ -1,4 +1,6 @@
+import gc
 import itertools
+import weakref
 
 import keras
 import numpy as np
@@ -11,6 +13,7 @@ from keras_gemma import GemmaCausalLM
 from keras_gemma import GemmaCausalLMPreprocessor
 from keras_gemma import TopKSampler
 from keras_gemma import TopPSampler
+from keras_gemma import generation
 
 PROMPTS = ["What is 3 plus 4?", "The", "A banana is yellow and the sky is"]
 
@@ -146,9 +149,30 @@ def test_no_recompilation_within_a_bucket(lm, monkeypatch):
         pytest.skip("torch decodes eagerly: nothing is traced")
     lm.compile(sampler="greedy")
     traces = []
-    prefill = lm._prefill
-    monkeypatch.setattr(lm, "_prefill", lambda *args: traces.append(1) or prefill(*args))
+    prefill = generation.KerasDecoder.prefill
+    monkeypatch.setattr(
+        generation.KerasDecoder, "prefill", lambda *args: traces.append(1) or prefill(*args)
+    )
     # Prompts of 2-6 tokens and totals of 25-32 share one bucket each.
     for prompt, max_length in [("The", 25), ("What is 3 plus", 28), ("A banana", 32)]:
         lm.generate(prompt, max_length=max_length)
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("change", ["quantize", "merge_lora"])
+def test_generate_releases_weights_the_model_replaced(tokenizer, change):
+    # The compile cache holds the variables it was traced with; once the
+    # model replaces them, the next generate must let the old ones go.
+    lm = GemmaCausalLM(make_backbone("mqa", seed=5), GemmaCausalLMPreprocessor(tokenizer, 32))
+    query = lm.backbone.transformer_layers[0].attention.query_dense
+    if change == "merge_lora":
+        lm.backbone.enable_lora(2)
+    lm.generate("The", max_length=20)
+    replaced = weakref.ref(query.lora_kernel_a if change == "merge_lora" else query.kernel)
+    if change == "merge_lora":
+        lm.backbone.merge_lora()
+    else:
+        lm.quantize("int8")
+    lm.generate("The", max_length=20)
+    gc.collect()
+    assert replaced() is None

@@ -52,7 +52,7 @@ def test_stream_stops_at_stop_token(lm):
 
 def test_stream_rejects_beam_and_batches(lm):
     lm.compile(sampler=BeamSampler(num_beams=2))
-    with pytest.raises(ValueError, match="Beam search cannot stream"):
+    with pytest.raises(ValueError, match="BeamSampler cannot stream"):
         next(lm.generate_stream("A"))
     lm.compile(sampler="greedy")
     with pytest.raises(TypeError, match="one prompt string"):

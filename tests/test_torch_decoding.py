@@ -7,9 +7,11 @@ from conftest import make_backbone
 from helpers import to_numpy
 
 from keras_gemma import GemmaCausalLM
+from keras_gemma import backends
+from keras_gemma import generation
 
 pytestmark = pytest.mark.skipif(
-    keras.config.backend() != "torch", reason="torch_decoding is the torch backend's path"
+    keras.config.backend() != "torch", reason="backends.torch_cpu is the torch backend's path"
 )
 
 
@@ -35,17 +37,17 @@ def _prepare(variant):
 )
 @pytest.mark.parametrize("native", [True, False])
 def test_prefill_and_steps_equal_the_keras_forward(monkeypatch, variant, native):
-    from keras_gemma.backends.torch_cpu import TorchDecoder
+    from keras_gemma.backends.torch_cpu import Decoder as TorchDecoder
 
     _use_cpu_kernels(monkeypatch, native)
     lm = _prepare(variant)
     ids = keras.ops.convert_to_tensor(
         np.random.default_rng(1).integers(3, lm.backbone.vocabulary_size, (2, 16)), "int32"
     )
-    decoder = TorchDecoder(lm.backbone)
+    decoder, keras_decoder = TorchDecoder(lm.backbone), generation.KerasDecoder(lm)
     length = 8
     ours, our_logits = decoder.prefill(ids, length, length - 1)
-    theirs, their_logits = lm._prefill(ids, length, length - 1)
+    theirs, their_logits = keras_decoder.prefill(ids, length, length - 1)
     # bfloat16 keeps ~3 digits; with int8 the two paths also round the
     # dequantized weights differently (Keras: to bf16; the kernel: in f32):
     # 0.030 of the largest logit alone, up to 0.049 inside a full CI run
@@ -58,7 +60,7 @@ def test_prefill_and_steps_equal_the_keras_forward(monkeypatch, variant, native)
     )
     for index in range(length, length + 4):
         our_logits, ours = decoder.next_logits(ids, ours, index)
-        their_logits, theirs = lm._next_logits(ids, theirs, index)
+        their_logits, theirs = keras_decoder.next_logits(ids, theirs, index)
         their_logits = to_numpy(their_logits)
         scale = np.abs(their_logits).max()
         np.testing.assert_allclose(to_numpy(our_logits), their_logits, atol=tolerance * scale)
@@ -77,7 +79,7 @@ def test_int8_prefill_rows_past_16_go_through_the_kernel_in_chunks(monkeypatch, 
     import torch
 
     from keras_gemma.backends import cpu_kernels
-    from keras_gemma.backends.torch_cpu import TorchDecoder
+    from keras_gemma.backends.torch_cpu import Decoder as TorchDecoder
 
     _use_cpu_kernels(monkeypatch, True)
     rows_per_call = []
@@ -103,7 +105,7 @@ def test_int8_prefill_rows_past_16_go_through_the_kernel_in_chunks(monkeypatch, 
 
 @pytest.mark.parametrize("variant", ["int8", "bfloat16"])
 def test_decoder_kernels_are_keras_storage(variant):
-    from keras_gemma.backends.torch_cpu import TorchDecoder
+    from keras_gemma.backends.torch_cpu import Decoder as TorchDecoder
 
     lm = _prepare(variant)
     inputs = {"token_ids": np.array([[2, 7, 9, 11]]), "padding_mask": np.ones((1, 4))}
@@ -124,13 +126,20 @@ def test_decoder_kernels_are_keras_storage(variant):
 
 
 def test_int8_activations_generate_through_the_keras_forward():
-    from keras_gemma.backends import torch_cpu as torch_decoding
+    from keras_gemma.backends import torch_cpu
 
     lm = GemmaCausalLM(make_backbone("gqa", seed=3))
     lm.quantize("int8", config=keras.quantizers.Int8QuantizationConfig())
-    assert not torch_decoding.supports(lm.backbone)
-    assert lm._decoding_functions() == (lm._prefill, lm._next_logits)
-    assert torch_decoding.supports(_prepare("int8").backbone)
+    assert not torch_cpu.supports(lm.backbone)
+    assert backends.decoder_for(lm.backbone) is None  # the Keras forward pass
+    assert isinstance(backends.decoder_for(_prepare("int8").backbone), torch_cpu.Decoder)
+
+
+def test_cuda_weights_never_reach_the_cpu_decoder(monkeypatch):
+    lm = _prepare("mqa")
+    assert backends.decoder_for(lm.backbone) is not None
+    monkeypatch.setattr(backends, "_device_type", lambda variable: "cuda")
+    assert backends.decoder_for(lm.backbone) is None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -1,1 +1,123 @@
-"""Backend-, device- and CPU-specific fast paths, behind one seam."""
+"""Backend-, device- and CPU-specific code, behind one seam.
+
+The model is written once, in Keras (`layers/`, `backbone.py`,
+`causal_lm.py`); generation (`keras_gemma.generation`) runs it through a
+*decoder*: an object with
+
+- `prefill(token_ids, prefill_length, start) -> (cache, logits)`: the KV
+  cache of the first `prefill_length` tokens and the float32 logits
+  `[batch, vocab]` for position `start`;
+- `next_logits(token_ids, cache, index) -> (logits, cache)`: the logits for
+  position `index`, feeding the token before it through the cache.
+
+The default decoder is the Keras forward pass (`generation.KerasDecoder`).
+A specialised one is registered here with where it applies (backend,
+device, and its own check of dtype and quantization), is picked once per
+generation call by `decoder_for`, and is held equal to the default by its
+tests. `compile_stateless` compiles what generation runs, per backend.
+
+Example:
+>>> [decoder.name for decoder in DECODERS]
+['torch_cpu']
+"""
+
+import dataclasses
+import importlib
+
+import keras
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderEntry:
+    """A specialised decoder: `module.Decoder(backbone)`, used on `backend`
+    when the backbone's weights live on one of `devices` and
+    `module.supports(backbone)` (its dtype and quantization check)."""
+
+    name: str
+    backend: str
+    devices: tuple
+    module: str
+
+    def applies(self, backbone):
+        if keras.config.backend() != self.backend:
+            return False
+        if _device_type(backbone.token_embedding.weights[0]) not in self.devices:
+            return False
+        return importlib.import_module(self.module).supports(backbone)
+
+    def build(self, backbone):
+        return importlib.import_module(self.module).Decoder(backbone)
+
+
+# Eager PyTorch pays tens of microseconds of Python for every Keras op and
+# layer call, most of a small model's decode step; this decoder runs the same
+# step in plain torch and the CPU kernels of `cpu_kernels.c`. Never on CUDA:
+# it has not been measured there, and Keras's path is correct everywhere.
+DECODERS = (
+    DecoderEntry("torch_cpu", "torch", ("cpu",), "keras_gemma.backends.torch_cpu"),
+)
+
+
+def decoder_for(backbone):
+    """The first registered decoder that applies to `backbone`, or None."""
+    for entry in DECODERS:
+        if entry.applies(backbone):
+            return entry.build(backbone)
+    return None
+
+
+def _device_type(variable):
+    value = variable.value
+    if keras.config.backend() == "torch":
+        return value.device.type
+    if keras.config.backend() == "jax":
+        return next(iter(value.devices())).platform
+    return "gpu" if "GPU" in getattr(value, "device", "").upper() else "cpu"
+
+
+def compile_stateless(fn, model, whole_loop=True):
+    """Compiles `fn(*tensors)`, a pure function of `model`'s weights.
+
+    JAX: `jax.jit` with the weights passed in as arguments, so new values
+    (after `fit`) never retrace. TensorFlow: a `tf.function`, with XLA for a
+    `whole_loop` (not for one streaming step, which XLA takes long to
+    compile on CPU for little gain). PyTorch: eager under `torch.no_grad()`.
+    The result holds `model`'s current variables: callers drop it when
+    those are replaced (`generation.Generator` does).
+    """
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        variables = list(model.variables)
+
+        @jax.jit
+        def jitted(values, *args):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return fn(*args)
+
+        return lambda *args: jitted([v.value for v in variables], *args)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=whole_loop and _xla_helps_tensorflow(model))
+    if backend == "torch":
+        import torch
+
+        def no_grad(*args):
+            with torch.no_grad():
+                return fn(*args)
+
+        return no_grad
+    return fn
+
+
+def _xla_helps_tensorflow(model):
+    """XLA compiles TensorFlow's decode loop well in float32 and on
+    accelerators; on CPU it computes low-precision dots in float32 with
+    float32 copies of the weights hoisted out of the loop (several times
+    the weights' memory, and slower)."""
+    import tensorflow as tf
+
+    low_precision = keras.backend.standardize_dtype(model.compute_dtype) != "float32"
+    return not (low_precision and not tf.config.list_logical_devices("GPU"))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from keras_gemma.backends import cpu_kernels
 from keras_gemma.backbone import quantizable_layers
-from keras_gemma.layers.attention import _MASKED_LOGIT
+from keras_gemma.layers.attention import MASKED_LOGIT
 from keras_gemma.layers.rotary_embedding import inverse_frequencies
 
 
@@ -278,7 +278,7 @@ def _attend(query, keys, values, causal):
     query = query.permute(0, 2, 1, 3, 4).reshape(batch, kv, length * groups, h)
     logits = _matmul(query, keys.permute(0, 2, 3, 1)).float()  # [b, k, t*g, s]
     if causal is not None:
-        logits = logits.masked_fill(~causal, _MASKED_LOGIT)
+        logits = logits.masked_fill(~causal, MASKED_LOGIT)
     probabilities = torch.softmax(logits, dim=-1).to(values.dtype)
     attended = _matmul(probabilities, values.transpose(1, 2))  # [b, k, t*g, h]
     attended = attended.view(batch, kv, length, groups, h).permute(0, 2, 1, 3, 4)
@@ -286,7 +286,7 @@ def _attend(query, keys, values, causal):
 
 
 def supports(backbone):
-    """Whether `TorchDecoder` computes exactly this backbone's forward pass.
+    """Whether `Decoder` computes exactly this backbone's forward pass.
 
     Not for int8 with quantized activations or other quantization modes
     (int4, GPTQ, ...): generation then runs the Keras forward pass.
@@ -298,12 +298,11 @@ def supports(backbone):
     )
 
 
-class TorchDecoder:
+class Decoder:
     """Prefill and single-token steps of a `GemmaCausalLM`, in plain PyTorch.
 
-    `prefill` and `next_logits` have the signatures of the Keras-path methods
-    they replace in `GemmaCausalLM` (same cache: per layer `(keys, values)`,
-    `[batch, max_length, kv_heads, head_dim]`), and write the cache in place.
+    A decoder as `keras_gemma.backends` defines it (same cache as
+    `GemmaBackbone.empty_cache`), writing the cache in place.
 
     Example:
     >>> import keras, numpy as np
@@ -312,12 +311,14 @@ class TorchDecoder:
     ...     num_query_heads=2, num_key_value_heads=1, hidden_dim=8,
     ...     intermediate_dim=16, head_dim=4))
     >>> if keras.config.backend() == "torch":
-    ...     decoder = TorchDecoder(lm.backbone)
+    ...     decoder = Decoder(lm.backbone)
     ...     ids = keras.ops.convert_to_tensor([[2, 7, 9, 0]])
     ...     cache, logits = decoder.prefill(ids, prefill_length=3, start=3)
     ...     logits, cache = decoder.next_logits(ids, cache, 3)
     ...     assert tuple(logits.shape) == (1, 50)
     """
+
+    eager = True  # reads the weights when built: build one per generation call
 
     @torch.no_grad()
     def __init__(self, backbone):

@@ -9,7 +9,7 @@ from keras_gemma.layers.rotary_embedding import rotary_angles
 
 # Masked logits get this instead of -inf: a fully masked row (a padding query)
 # then softmaxes to a harmless uniform average instead of NaN.
-_MASKED_LOGIT = -1e9
+MASKED_LOGIT = -1e9
 
 
 def attention_mask(query_length, key_length, start_index=0, padding_mask=None):
@@ -168,7 +168,7 @@ class GemmaAttention(keras.layers.Layer):
         logits = ops.cast(logits, "float32")
         # Row t*g + i of the folded query axis is position t.
         mask = ops.repeat(mask, groups, axis=1)  # [b or 1, t*g, s]
-        logits = ops.where(mask[:, None, :, :], logits, _MASKED_LOGIT)
+        logits = ops.where(mask[:, None, :, :], logits, MASKED_LOGIT)
         probabilities = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
         if self.dropout > 0:
             probabilities = self.dropout_layer(probabilities, training=training)

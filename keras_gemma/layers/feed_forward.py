@@ -1,6 +1,5 @@
 import keras
 
-from keras_gemma import _backend
 from keras_gemma.layers.projection import project
 from keras_gemma.layers.projection import projection
 
@@ -15,14 +14,10 @@ class GemmaFeedForward(keras.layers.Layer):
     quantization apply to them unchanged; `quantization_mode` builds them
     quantized.
 
-    Kernels are stored `[out, in]` (as Hugging Face and PyTorch store them;
-    keras-hub stores `[in, out]` and checkpoints transpose on the way, see
-    `weight_names.keras_hub_array`). XLA on CPU multiplies a decode step's
-    rows by a bfloat16 `[out, in]` matrix in one fused loop that reads the
-    weights as stored, ~2x faster than its `[in, out]` product, which
-    converts every kernel to a float32 copy and keeps those copies for the
-    whole decode loop (+1.6x the weights' bytes). PyTorch's CPU kernels
-    want `[out, in]` too, so decoding there needs no re-layout.
+    Kernels are stored `[out, in]`, as Hugging Face and PyTorch store them
+    (keras-hub stores `[in, out]`; `weight_names` transposes on the way):
+    PyTorch's kernels and XLA's CPU matrix-vector products read that layout
+    as stored, where `[in, out]` made XLA keep float32 copies of the weights.
 
     Example:
     >>> import numpy as np
@@ -67,7 +62,7 @@ class GemmaFeedForward(keras.layers.Layer):
 
     def call(self, x):
         gate = keras.activations.gelu(project(self.ffw_gating, x), approximate=True)
-        up = project(self.ffw_gating_2, _backend.after(x, gate))
+        up = project(self.ffw_gating_2, x)
         return project(self.ffw_linear, gate * up)
 
     def compute_output_shape(self, input_shape):
