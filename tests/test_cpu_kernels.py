@@ -62,22 +62,59 @@ def test_matvec_declines_what_it_does_not_compute():
     assert cpu_kernels.matvec(torch.ones(1, 16), weight[:, ::2]) is None  # not contiguous
 
 
-def test_without_a_compiler_it_warns_once_and_declines(monkeypatch, tmp_path):
+def _declines_with_one_warning(cpu_kernels, match):
+    """Every entry point returns None, after one warning matching `match`."""
     import torch
 
+    cache = torch.zeros(1, 4, 1, 8)
+    attend_args = (torch.ones(1, 8),) * 3 + (torch.ones(8), torch.zeros(8), 1.0, cache, cache, 1)
+    cpu_kernels._library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=match) as caught:
+            assert cpu_kernels.matvec(torch.ones(1, 32), torch.ones(8, 32).bfloat16()) is None
+            assert cpu_kernels.prepare([torch.ones(8, 32)]) is None
+            assert cpu_kernels.attend(*attend_args) is None
+        assert len(caught) == 1 and "KERAS_GEMMA_NATIVE=0" in str(caught[0].message)
+    finally:
+        cpu_kernels._library.cache_clear()
+
+
+def test_without_a_compiler_it_warns_once_and_declines(monkeypatch, tmp_path):
     from keras_gemma.backends import cpu_kernels
 
     if not cpu_kernels._cpu_has_avx2_and_fma():
         pytest.skip("the kernel is never built on this CPU")
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path))
-    cpu_kernels._library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="Install a C compiler"):
-            assert cpu_kernels.matvec(torch.ones(1, 32), torch.ones(8, 32).bfloat16()) is None
-        assert list(tmp_path.iterdir()) == []  # no half-written library left behind
-    finally:
-        cpu_kernels._library.cache_clear()
+    _declines_with_one_warning(cpu_kernels, "install a C compiler")
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+def test_without_avx2_and_fma_it_warns_once_and_declines(monkeypatch):
+    from keras_gemma.backends import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "_cpu_has_avx2_and_fma", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "_build", lambda: pytest.fail("built without AVX2"))
+    _declines_with_one_warning(cpu_kernels, "AVX2 and FMA")
+
+
+def test_with_another_openmp_runtime_than_pytorchs_it_warns_once_and_declines(monkeypatch):
+    from keras_gemma.backends import cpu_kernels
+
+    _kernel_or_skip()
+    # Each library seen to resolve OpenMP's functions to a runtime of its own.
+    monkeypatch.setattr(cpu_kernels, "_openmp_runtime", id)
+    _declines_with_one_warning(cpu_kernels, "OpenMP runtime")
+
+
+def test_it_runs_on_pytorchs_openmp_runtime():
+    import ctypes
+
+    import torch
+
+    cpu_kernels = _kernel_or_skip()
+    ours = cpu_kernels._openmp_runtime(cpu_kernels._build())
+    assert ours is not None and ours == cpu_kernels._openmp_runtime(ctypes.CDLL(torch._C.__file__))
 
 
 def test_builds_once_into_the_cache(monkeypatch, tmp_path):
@@ -95,28 +132,49 @@ def test_builds_once_into_the_cache(monkeypatch, tmp_path):
         assert built.name.startswith("cpu_kernels-")
         modified = built.stat().st_mtime_ns
         cpu_kernels._library.cache_clear()
-        cpu_kernels.matvec(torch.ones(1, 32), torch.ones(8, 32).bfloat16())
+        products = cpu_kernels.prepare([torch.ones(8, 32).bfloat16()])
         assert list(tmp_path.iterdir()) == [built] and built.stat().st_mtime_ns == modified
+        # The C file's limits are Python's, fixed at the build: past them the
+        # C declines by itself, and other limits build a library of their own.
+        monkeypatch.setattr(cpu_kernels, "MAX_ROWS", cpu_kernels.MAX_ROWS * 2)
+        assert products(torch.ones(cpu_kernels.MAX_ROWS, 32)) is None
+        cpu_kernels._library.cache_clear()
+        y = cpu_kernels.matvec(torch.ones(cpu_kernels.MAX_ROWS, 32), torch.ones(8, 32).bfloat16())
+        assert y.shape == (cpu_kernels.MAX_ROWS, 8) and len(list(tmp_path.iterdir())) == 2
     finally:
         cpu_kernels._library.cache_clear()
 
 
-def test_turned_off_by_the_environment(monkeypatch):
-    import torch
+def test_a_build_without_the_limits_fails_loudly():
+    import os
+    import subprocess
+
+    cpu_kernels = _kernel_or_skip()
+    flags = [flag for flag in cpu_kernels._flags() if not flag.startswith("-DMAX_")]
+    compiler = os.environ.get("CC", "cc")
+    built = subprocess.run(
+        [compiler, *flags, "-fsyntax-only", str(cpu_kernels._SOURCE)], capture_output=True
+    )
+    assert built.returncode != 0 and b"#error" in built.stderr
+
+
+def test_turned_off_by_the_environment_silently(monkeypatch):
+    import warnings
 
     from keras_gemma.backends import cpu_kernels
 
     monkeypatch.setenv("KERAS_GEMMA_NATIVE", "0")
+    monkeypatch.setattr(cpu_kernels, "_build", lambda: pytest.fail("built though turned off"))
     cpu_kernels._library.cache_clear()
     try:
-        assert cpu_kernels.matvec(torch.ones(1, 32), torch.ones(8, 32).bfloat16()) is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cpu_kernels._library() is None
     finally:
         cpu_kernels._library.cache_clear()
 
 
 def test_a_failing_compiler_is_quoted(monkeypatch, tmp_path):
-    import torch
-
     from keras_gemma.backends import cpu_kernels
 
     if not cpu_kernels._cpu_has_avx2_and_fma():
@@ -126,13 +184,35 @@ def test_a_failing_compiler_is_quoted(monkeypatch, tmp_path):
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
     monkeypatch.setenv("KERAS_GEMMA_CACHE", str(tmp_path / "cache"))
-    cpu_kernels._library.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="no OpenMP here"):
-            assert cpu_kernels.matvec(torch.ones(1, 32), torch.ones(8, 32).bfloat16()) is None
-        assert list((tmp_path / "cache").iterdir()) == []
-    finally:
-        cpu_kernels._library.cache_clear()
+    _declines_with_one_warning(cpu_kernels, "no OpenMP here")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_the_binding_checks_each_calls_count_and_types():
+    import ctypes
+
+    library = _kernel_or_skip()._library()
+    # No matrices (no batch): were a check to fail, the C would return -1
+    # before reading any pointer. Wrong arguments by position: a float for
+    # an int, a string for a float, and a bare address where matvec takes an
+    # array of pointers, or a float for a pointer and for an int64.
+    calls = {
+        "matvec_bf16": (
+            [None, 1, None, None, 0.0, 0, None, None, None, None, None, 32, 1, 1],
+            {1: 1.5, 4: "0.0", 6: 12345},
+        ),
+        "attend_f32": ([None] * 5 + [1.0, None, None, 0, 4, 0, 1, 1, 8, None, 1], {0: 1.5, 8: 0.5}),
+    }
+    for name, (args, wrongs) in calls.items():
+        function = library[name]
+        assert function(*args) == -1
+        with pytest.raises(TypeError, match="arguments"):  # ctypes' own count check
+            function(*args[:-1])
+        with pytest.raises(TypeError, match="arguments"):
+            function(*args, 1)
+        for index, wrong in wrongs.items():
+            with pytest.raises(ctypes.ArgumentError):
+                function(*args[:index], wrong, *args[index + 1 :])
 
 
 @pytest.mark.parametrize("weights", ["float32", "int8"])

@@ -1,22 +1,22 @@
-/* Decoding's kernels on AVX2 + FMA, one row per sequence: matrix-vector products
- * y = (x @ W.T) * scale of a few float32 or bfloat16 rows x [rows, in] and a
- * row-major [out, in] W of float32, bfloat16 or int8, accumulated in float32;
- * and one new position's attention (ATTEND, at the end).
+/* Decoding's kernels on AVX2 + FMA (cpu_kernels.py builds, loads and calls
+ * them, and sets the limits below): y = (x @ W.T) * scale of a few float32 or
+ * bfloat16 rows x [rows, in] and a row-major [out, in] W of float32, bfloat16
+ * or int8, accumulated in float32; and one new position's attention (ATTEND).
  *
- * Each row of W is read from memory once, front to back, with a software
- * prefetch a kilobyte ahead, and multiplied by every row of x (up to four
- * at a time; the next four reread it from cache). On the 2-core EPYC this
- * was written on, one contiguous stream per thread read int8 and bfloat16
- * faster than four or eight rows of W side by side (their streams defeat
- * the hardware prefetcher). Accumulators: four for one row of x, two per
- * row for more (an FMA's latency is 4-5 cycles).
- * keras_gemma/cpu_kernels.py builds, loads and calls this file.
- */
+ * Each thread streams whole rows of W front to back, with a software prefetch
+ * a kilobyte ahead, and multiplies each by every row of x: rows of W read side
+ * by side defeat the hardware prefetcher. Several accumulators per row of x
+ * cover an FMA's latency. */
 #include <immintrin.h>
 #include <float.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#if !defined(MAX_MATRICES) || !defined(MAX_ROWS)
+#error "build with -DMAX_MATRICES=... -DMAX_ROWS=..., as cpu_kernels.py does"
+#endif
 
 #define PREFETCH_BYTES 1024
 
@@ -179,12 +179,10 @@ static float* float32_rows(const void* x, int x_bf16, const void* up, const floa
  * power of two (its largest magnitude below 2^14), which holds every element
  * within 2^6 of the row's largest exactly (bfloat16 has 8 significant bits)
  * and smaller ones to within 2^-15 of it. vpmaddwd then does 16 weights per
- * instruction where the float path converts 8 in two; on the EPYC this
- * streamed int8 at bfloat16's bytes per second (18 GB/s) against 16.
- * NULL (use the float path) for rows with an inf or NaN, or out of memory. */
-#define MAX_INT16_ROWS 64
+ * instruction where the float path converts 8 in two, so int8 streams as
+ * fast as bfloat16. NULL (use the float path) for rows with an inf or NaN,
+ * or out of memory. */
 static int16_t* int16_rows(const float* x, int64_t rows, int64_t in, float* row_scales) {
-    if (rows > MAX_INT16_ROWS) return NULL;
     int16_t* out = (int16_t*)malloc(rows * in * sizeof(int16_t));
     for (int64_t r = 0; out && r < rows; r++) {
         const float* row = x + r * in;
@@ -233,35 +231,30 @@ static inline float dot_i16(const int16_t* x, const int8_t* row, int64_t in) {
 }
 
 /* y[m] = (x @ w[m].T) * scale[m] for `count` matrices w[m] [outs[m], in] that
- * share x [rows, in] (a layer's query, key and value projections): one pass
- * of the threads over all their rows, so small matrices cost no call and no
- * wake-up of their own. x and y are float32 or bfloat16 (flags); scale[m]
- * may be NULL; with `norm`, x is RMS-normalized first, with `up` it is
- * replaced by gelu(x) * up (float32_rows); with `residual` (one matrix),
- * y = residual + y (store). Each saves a PyTorch op or two per call. int8
- * weights take bfloat16 rows in integers (int16_rows). The threads are
- * OpenMP's: linked by soname, libgomp.so.1 resolves to the copy PyTorch already loaded, so they are PyTorch's own
- * workers. Threads of our own ran beside those workers while they spun idle
- * after PyTorch's last parallel op, and 2B int8 decoding was 15% slower than
- * PyTorch's kernel instead of 1.5x faster. */
-#define MAX_MATRICES 8
+ * share x [rows, in], in one pass of the threads, so small matrices cost no
+ * call or wake-up of their own; `norm`, `up` (float32_rows) and `residual`
+ * (store; one matrix) each save a PyTorch op or two. The threads are PyTorch's
+ * own OpenMP workers (cpu_kernels.py checks): a second pool would compete with
+ * them while they spin idle. Every check comes before the parallel loop, whose
+ * threads write only their own elements of y. -1: bad arguments, or no memory. */
 #define MATVEC(NAME, T, LOAD8, SCALAR, INT16)                                             \
     DOT(NAME##_dot4, T, LOAD8, SCALAR, 4)                                                 \
     DOT(NAME##_dot3, T, LOAD8, SCALAR, 3)                                                 \
     DOT(NAME##_dot2, T, LOAD8, SCALAR, 2)                                                 \
     DOT1(NAME##_dot1, T, LOAD8, SCALAR)                                                   \
-    int NAME(const void* x_in, int x_bf16, const void* up, const float* norm, float eps,  \
+    int NAME(const void* x_in, int bf16, const void* up, const float* norm, float eps,    \
              int count, const void* const* ws, const float* const* scales,                \
-             void* const* ys, const int64_t* outs, int y_bf16, const void* residual,      \
-             int64_t in, int64_t rows, int threads) {                                     \
-        if (count < 1 || count > MAX_MATRICES || (residual && count != 1)) return -1;     \
+             void* const* ys, const int64_t* outs, const void* residual, int64_t in,      \
+             int64_t rows, int threads) {                                                 \
+        if (count < 1 || count > MAX_MATRICES || rows < 1 || rows > MAX_ROWS || in < 1 || \
+            threads < 1 || (residual && count != 1)) return -1;                           \
         int64_t starts[MAX_MATRICES + 1] = {0};                                           \
         for (int m = 0; m < count; m++) starts[m + 1] = starts[m] + outs[m];              \
-        float* converted = float32_rows(x_in, x_bf16, up, norm, eps, rows, in);           \
-        if (!converted && (x_bf16 || norm || up)) return -1;                              \
+        float* converted = float32_rows(x_in, bf16, up, norm, eps, rows, in);             \
+        if (!converted && (bf16 || norm || up)) return -1;                                \
         const float* x = converted ? converted : (const float*)x_in;                      \
-        float row_scales[MAX_INT16_ROWS];                                                 \
-        int16_t* quantized = INT16 && x_bf16 ? int16_rows(x, rows, in, row_scales) : NULL; \
+        float row_scales[MAX_ROWS];                                                       \
+        int16_t* quantized = INT16 && bf16 ? int16_rows(x, rows, in, row_scales) : NULL;  \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)") \
         for (int64_t t = 0; t < starts[count]; t++) {                                     \
             int m = 0;                                                                    \
@@ -272,7 +265,7 @@ static inline float dot_i16(const int16_t* x, const int8_t* row, int64_t in) {
             float sums[4];                                                                \
             for (int64_t i = 0; quantized && i < rows; i++) {                             \
                 const float sum = dot_i16(quantized + i * in, (const int8_t*)row, in);    \
-                store(ys[m], i * outs[m] + n, sum * row_scales[i] * factor, y_bf16, residual); \
+                store(ys[m], i * outs[m] + n, sum * row_scales[i] * factor, bf16, residual); \
             }                                                                             \
             for (int64_t first = 0; !quantized && first < rows; first += 4) {             \
                 const float* xs = x + first * in;                                         \
@@ -282,7 +275,7 @@ static inline float dot_i16(const int16_t* x, const int8_t* row, int64_t in) {
                 else if (group == 2) NAME##_dot2(xs, row, in, sums);                      \
                 else NAME##_dot1(xs, row, in, sums);                                      \
                 for (int64_t i = 0; i < group; i++)                                       \
-                    store(ys[m], (first + i) * outs[m] + n, sums[i] * factor, y_bf16, residual); \
+                    store(ys[m], (first + i) * outs[m] + n, sums[i] * factor, bf16, residual); \
             }                                                                             \
         }                                                                                 \
         free(converted);                                                                  \
@@ -294,17 +287,14 @@ MATVEC(matvec_bf16, uint16_t, load8_bf16, scalar_bf16, 0)
 MATVEC(matvec_i8, int8_t, load8_i8, scalar_i8, 1)
 MATVEC(matvec_f32, float, load8_f32, scalar_f32, 0)
 
-/* One new position's attention, for decoding: for each of `batch` sequences
- * at `position`, rotates the new query and key rows (`x * cos + roll(x, h/2)
- * * sin`, cos = [cos, cos] and sin = [-sin, sin] of the position's angles),
- * writes key and value into the caches [batch, max_length, kv_heads, h], and
- * attends every query head to the cache's first `position + 1` slots. It
- * rounds where the model's layers round (rotated rows, scaled queries,
- * logits, probabilities, output), so bfloat16 agrees with them to a rounding
- * of float32 sums; -ffp-contract=off keeps `a * b + c * d` two roundings, as
- * PyTorch's elementwise ops do. This replaces ~25 small PyTorch ops a layer,
- * each costing more than its arithmetic at one position. Query head i reads
- * key/value head i / (heads / kv_heads). Returns -1 out of memory. */
+/* One new position's attention for `batch` sequences: rotates the new query
+ * and key rows (x * cos + roll(x, h/2) * sin, with cos = [cos, cos] and sin =
+ * [-sin, sin]), writes key and value into the caches [batch, max_length,
+ * kv_heads, h], and attends query head i to key/value head i / (heads /
+ * kv_heads) over slots 0..position. It rounds where the model's layers round,
+ * so bfloat16 agrees with them, and replaces a layer's many small PyTorch ops,
+ * each costing more than its arithmetic. Each thread's scratch is allocated
+ * before the parallel loop, so the loop cannot fail. -1 as for MATVEC. */
 #define ATTEND(NAME, T, LOAD8, SCALAR, ROUND, STORE)                                      \
     static inline float NAME##_dot(const float* q, const T* k, int64_t h) {               \
         const int64_t body = h & ~(int64_t)7;                                             \
@@ -327,10 +317,14 @@ MATVEC(matvec_f32, float, load8_f32, scalar_f32, 0)
              float scale, T* key_cache, T* value_cache, int64_t batch, int64_t max_length, \
              int64_t position, int64_t heads, int64_t kv_heads, int64_t h, T* out,         \
              int threads) {                                                               \
+        if (batch < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads || h < 2 || h % 2 || \
+            position < 0 || position >= max_length || threads < 1) return -1;             \
         const int64_t groups = heads / kv_heads, keys = position + 1;                     \
-        float* queries = (float*)malloc((batch * heads + 1) * h * sizeof(float));         \
+        const int64_t floats = (batch * heads + 1) * h + threads * (keys + h);            \
+        float* queries = (float*)malloc(floats * sizeof(float));                          \
         if (!queries) return -1;                                                          \
         float* rotated = queries + batch * heads * h;                                     \
+        float* scratch = rotated + h;                                                     \
         for (int64_t r = 0; r < batch; r++) {                                             \
             for (int64_t j = 0; j < kv_heads; j++) {                                      \
                 const int64_t slot = ((r * max_length + position) * kv_heads + j) * h;    \
@@ -346,18 +340,13 @@ MATVEC(matvec_f32, float, load8_f32, scalar_f32, 0)
                 for (int64_t d = 0; d < h; d++) query[d] = ROUND(query[d] * scale);       \
             }                                                                             \
         }                                                                                 \
-        int status = 0;                                                                   \
         _Pragma("omp parallel for schedule(static) num_threads(threads) if(threads > 1)") \
         for (int64_t t = 0; t < batch * heads; t++) {                                     \
             const int64_t r = t / heads, j = (t % heads) / groups;                        \
             const T* key_rows = key_cache + (r * max_length * kv_heads + j) * h;          \
             const T* value_rows = value_cache + (r * max_length * kv_heads + j) * h;      \
             const int64_t stride = kv_heads * h;                                          \
-            float* weights = (float*)malloc((keys + h) * sizeof(float));                  \
-            if (!weights) {                                                               \
-                status = -1;                                                              \
-                continue;                                                                 \
-            }                                                                             \
+            float* weights = scratch + omp_get_thread_num() * (keys + h);                 \
             float* sums = weights + keys;                                                 \
             float largest = -INFINITY, total = 0.0f;                                      \
             for (int64_t s = 0; s < keys; s++) {                                          \
@@ -376,10 +365,9 @@ MATVEC(matvec_f32, float, load8_f32, scalar_f32, 0)
                 for (int64_t d = body; d < h; d++) sums[d] += p * SCALAR(row[d]);         \
             }                                                                             \
             for (int64_t d = 0; d < h; d++) out[t * h + d] = STORE(sums[d]);              \
-            free(weights);                                                                \
         }                                                                                 \
         free(queries);                                                                    \
-        return status;                                                                    \
+        return 0;                                                                         \
     }
 
 static inline float identity(float v) { return v; }

@@ -5,31 +5,25 @@ per sequence), and one new position's attention (`attend`).
 Why: decoding one token reads every weight once, so its speed is the speed
 at which these products stream weights from memory. On CPUs without
 bfloat16 or VNNI instructions the stock kernels convert low-precision
-weights too slowly to keep up with memory; measured on the 2-core AVX2 EPYC
-the benchmarks ran on (`benchmarks/cpu_kernels.py --backend torch`),
-`_weight_int8pack_mm` reads int8 at ~7-9 GB/s and `torch.mv` bfloat16 at
-~12, against ~12-14 and ~13-16 for this kernel. int8 weights take bfloat16
-rows as int16 (see `int16_rows` in the C file), which streams them as fast as
-bfloat16 (~18 GB/s in one interleaved run, against 16 in float32). For
-float32 the stock kernel, oneDNN's, streams one row as fast, but costs
-~0.1 ms more per call on small matrices and reads several rows at half speed
-(2-8 rows of 32000x512: 8-10 ms against 4-7), so this kernel takes float32
-too.
+weights too slowly to keep up with memory (`benchmarks/cpu_kernels.py
+--backend torch` compares them; figures in `benchmarks/RESULTS.md`). For
+float32 the stock kernel streams one row as fast, but costs more per call on
+small matrices and reads several rows more slowly, so this kernel takes
+float32 too.
 
-`prepare` binds a layer's weights once (the call then costs a few
-microseconds of Python); one call computes several products of the same
-rows (query, key and value) in one pass of the threads, reads and writes
-bfloat16 itself, and can apply the RMS norm, GeGLU's gating and the residual
-add around the products: the calls and the small PyTorch ops, not the
-weights, were most of the time of small matrices. `attend` does the same
-for a decode step's attention.
+`prepare` binds a layer's weights once, so a call costs little Python; one
+call computes several products of the same rows (query, key and value) in
+one pass of the threads, reads and writes bfloat16 itself, and can apply the
+RMS norm, GeGLU's gating and the residual add around the products: the calls
+and the small PyTorch ops, not the weights, were most of the time of small
+matrices. `attend` does the same for a decode step's attention.
 
-It is optional: without x86-64 Linux, AVX2 and FMA, or a working `cc`,
-`matvec` returns None and `torch_decoding` uses the stock kernels;
-`KERAS_GEMMA_NATIVE=0` turns it off. The library is built once per source
-into `$KERAS_GEMMA_CACHE` (default `~/.cache/keras_gemma`), under a temporary
-name renamed into place, so concurrent processes never load a half-written
-file.
+It is optional: without x86-64 Linux, AVX2 and FMA, a working `cc`, or
+PyTorch's OpenMP runtime, every function returns None, so `torch_cpu` uses
+the stock kernels, and one warning says why; `KERAS_GEMMA_NATIVE=0` turns it
+off silently. The library is built once per source and flags into
+`$KERAS_GEMMA_CACHE` (default `~/.cache/keras_gemma`), under a temporary name
+renamed into place, so concurrent processes never load a half-written file.
 
 Example:
 >>> import torch
@@ -57,24 +51,34 @@ import warnings
 import torch
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
-# -ffp-contract=off: `a * b + c * d` rounds twice, as PyTorch's elementwise ops do.
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _FUNCTIONS = {torch.bfloat16: "matvec_bf16", torch.int8: "matvec_i8", torch.float32: "matvec_f32"}
 _ATTEND_FUNCTIONS = {torch.bfloat16: "attend_bf16", torch.float32: "attend_f32"}
 # Below this many weight bytes per thread, waking a second thread costs more
 # than it saves.
 _BYTES_PER_THREAD = 1 << 18
-# Past this many rows the conversion is paid once per four rows and the
-# products are compute-bound: 16384x2048 in bfloat16 takes 5.6 ms for 4 rows
-# (F.linear 16.6), 18 for 16 (float32 pieces 31), 37 for 32 (pieces 39);
-# int8, 17 ms for 16 rows (int8pack 22), 35 for 32 (35). Prefill and larger
-# batches keep PyTorch's kernels.
+# Past this many rows the products are compute-bound and this kernel stops
+# paying: prefill and larger batches keep PyTorch's kernels. The C file takes
+# both limits from here (`_flags`), as they are when the library is built.
 MAX_ROWS = 16
-MAX_MATRICES = 8  # cpu_kernels.c's own limit
+MAX_MATRICES = 8
+# The C signatures, so that ctypes checks each call's count and types: a
+# wrong call raises instead of reading garbage as pointers.
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+_PP, _PL = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64)
+_SIGNATURES = {  # x, bf16, up, norm, eps, count, ws, scales, ys, outs, residual, in, rows, threads
+    "matvec": [_P, _I, _P, _P, _F, _I, _PP, _PP, _PP, _PL, _P, _L, _L, _I],
+    "attend": [_P] * 5 + [_F, _P, _P] + [_L] * 6 + [_P, _I],
+}
+
+
+def _flags():
+    # -ffp-contract=off: `a * b + c * d` rounds twice, as PyTorch's elementwise ops do.
+    limits = [f"-DMAX_ROWS={MAX_ROWS}", f"-DMAX_MATRICES={MAX_MATRICES}"]
+    return ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", *limits]
 
 
 def _cpu_has_avx2_and_fma():
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
         return False
     try:
         flags = pathlib.Path("/proc/cpuinfo").read_text()
@@ -84,23 +88,18 @@ def _cpu_has_avx2_and_fma():
     return {"avx2", "fma"} <= set(line.split())
 
 
-def _cache_dir():
-    return pathlib.Path(
-        os.environ.get("KERAS_GEMMA_CACHE", pathlib.Path.home() / ".cache" / "keras_gemma")
-    )
-
-
 def _build():
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    library = _cache_dir() / f"cpu_kernels-{digest}.so"
+    flags = _flags()
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    cache = os.environ.get("KERAS_GEMMA_CACHE", pathlib.Path.home() / ".cache" / "keras_gemma")
+    library = pathlib.Path(cache) / f"cpu_kernels-{digest}.so"
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
         os.close(handle)
         try:
             subprocess.run(
-                [os.environ.get("CC", "cc"), *_FLAGS, str(_SOURCE), "-o", partial],
+                [os.environ.get("CC", "cc"), *flags, str(_SOURCE), "-o", partial],
                 check=True,
                 capture_output=True,
                 timeout=120,
@@ -112,38 +111,50 @@ def _build():
     return ctypes.CDLL(str(library))
 
 
+def _openmp_runtime(library):
+    """The address of `omp_get_max_threads` as `library` resolves it: the
+    same for two libraries only where they share one OpenMP runtime."""
+    return ctypes.cast(getattr(library, "omp_get_max_threads", None), ctypes.c_void_p).value
+
+
+def _decline(reason):
+    """Warn why the kernel is off (once: `_library` is cached); None."""
+    warnings.warn(
+        f"keras_gemma's CPU decoding kernel is off: {reason}. Decoding on CPU uses "
+        "PyTorch's kernels instead, which are slower for bfloat16 and int8 weights on "
+        "CPUs without bfloat16 instructions; set KERAS_GEMMA_NATIVE=0 to silence this.",
+        stacklevel=4,
+    )
+
+
 @functools.cache
 def _library():
-    """The loaded kernel library, or None where it cannot be used here."""
-    if os.environ.get("KERAS_GEMMA_NATIVE", "1") == "0" or not _cpu_has_avx2_and_fma():
+    """The kernels by C name, typed, or None (after one warning saying why)
+    where they cannot run here."""
+    if os.environ.get("KERAS_GEMMA_NATIVE", "1") == "0":
         return None
+    if not _cpu_has_avx2_and_fma():
+        return _decline("it needs x86-64 Linux and a CPU with AVX2 and FMA")
     try:
         library = _build()
     except (OSError, subprocess.SubprocessError) as error:
         stderr = getattr(error, "stderr", None)
         if stderr:  # the compiler's own words say what is missing
             error = stderr.decode(errors="replace").strip().splitlines()[-1]
-        warnings.warn(
-            f"keras_gemma could not build its CPU decoding kernel ({error}); decoding on "
-            "CPU uses PyTorch's kernels instead, which are slower for bfloat16 and int8 "
-            "weights. Install a C compiler (`cc`), or set KERAS_GEMMA_NATIVE=0 to "
-            "silence this.",
-            stacklevel=3,
-        )
-        return None
-    for name in _FUNCTIONS.values():
-        function = getattr(library, name)
-        function.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-        function.argtypes += [ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 4
-        function.argtypes += [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-        function.argtypes += [ctypes.c_int]
-        function.restype = ctypes.c_int
-    for name in _ATTEND_FUNCTIONS.values():
-        function = getattr(library, name)
-        function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2
-        function.argtypes += [ctypes.c_int64] * 6 + [ctypes.c_void_p, ctypes.c_int]
-        function.restype = ctypes.c_int
-    return library
+        return _decline(f"it could not be built ({error}); install a C compiler with OpenMP (CC)")
+    # libgomp.so.1 resolves to PyTorch's runtime only where PyTorch loaded one
+    # by that name; elsewhere the kernel declines rather than link against a
+    # runtime of another build, since a second pool's threads would compete
+    # with PyTorch's spinning workers.
+    if _openmp_runtime(library) != _openmp_runtime(ctypes.CDLL(torch._C.__file__)):
+        return _decline("its libgomp.so.1 is not the OpenMP runtime this PyTorch build loaded")
+    functions = {}
+    for name in (*_FUNCTIONS.values(), *_ATTEND_FUNCTIONS.values()):
+        signature = _SIGNATURES[name.split("_")[0]]
+        # With paramflags ctypes rejects extra arguments too, not only missing ones.
+        prototype = ctypes.CFUNCTYPE(ctypes.c_int, *signature)
+        functions[name] = prototype((name, library), ((1,),) * len(signature))
+    return functions
 
 
 def _pointers(ctype, values):
@@ -153,8 +164,8 @@ def _pointers(ctype, values):
 class Products:
     """`x -> [(x @ w.T) * s for w, s in zip(weights, scales)]` in one kernel
     call, for matrices that share their input (a layer's query, key and
-    value projections). Build it with `prepare`, once per set of weights:
-    the call then costs a few microseconds of Python instead of tens.
+    value projections). Build it with `prepare`, once per set of weights, so
+    that each call does little Python.
 
     It keeps the weights alive but reads them at each call, so it computes
     with their current values as long as their storage is not replaced.
@@ -184,9 +195,9 @@ class Products:
         """The products for `x` `[rows, in]`, each in `x`'s dtype, or None
         where the kernel does not apply (past `MAX_ROWS` rows, not on CPU).
 
-        Each option saves the PyTorch ops it replaces (a few microseconds
-        each, a tenth of a small model's decode step together), rounding
-        as the model's layers do:
+        Each option saves the PyTorch ops it replaces (together a sizeable
+        part of a small model's decode step), rounding as the model's
+        layers do:
         - `norm` (`[in]` float32, Gemma's `1 + scale`): the products of the
           RMS-normalized `x`, normalized in float32 and rounded to `x`'s
           dtype as `RMSNormalization` does.
@@ -219,12 +230,11 @@ class Products:
         x = x.contiguous()
         up = None if up is None else up.contiguous()
         residual = None if residual is None else residual.contiguous()
-        low_precision = x.dtype == torch.bfloat16
         ys = [torch.empty(rows, out, dtype=x.dtype) for out in self._outs]
         threads = max(1, min(torch.get_num_threads(), self._nbytes // _BYTES_PER_THREAD))
         status = self._function(
             x.data_ptr(),
-            low_precision,
+            x.dtype == torch.bfloat16,
             None if up is None else up.data_ptr(),
             None if norm is None else norm.data_ptr(),
             0.0 if norm is None else epsilon,
@@ -233,13 +243,12 @@ class Products:
             self._scale_pointers,
             _pointers(ctypes.c_void_p, [y.data_ptr() for y in ys]),
             self._out_sizes,
-            low_precision,
             None if residual is None else residual.data_ptr(),
             self._in,
             rows,
             threads,
         )
-        if status != 0:  # out of memory for the float32 rows
+        if status != 0:  # out of memory
             return None
         return ys if x.dtype == dtype else [y.to(dtype) for y in ys]
 
@@ -265,7 +274,7 @@ def prepare(weights, scales=None):
         or _library() is None
     ):
         return None
-    return Products(getattr(_library(), _FUNCTIONS[first.dtype]), list(weights), scales)
+    return Products(_library()[_FUNCTIONS[first.dtype]], list(weights), scales)
 
 
 def matvec(x, weight, scale=None):
@@ -279,7 +288,7 @@ def matvec(x, weight, scale=None):
 
 
 # Multiply-adds of attention below which a second thread costs more than it
-# saves (~30 us of arithmetic).
+# saves.
 _ATTENTION_WORK_PER_THREAD = 1 << 17
 
 
@@ -319,22 +328,9 @@ def attend(query, key, value, cos, sin, scale, key_cache, value_cache, position)
     out = torch.empty_like(query)
     work = rows * heads * (position + 1) * h
     threads = max(1, min(torch.get_num_threads(), work // _ATTENTION_WORK_PER_THREAD))
-    status = getattr(_library(), _ATTEND_FUNCTIONS[dtype])(
-        query.data_ptr(),
-        key.data_ptr(),
-        value.data_ptr(),
-        cos.data_ptr(),
-        sin.data_ptr(),
-        scale,
-        key_cache.data_ptr(),
-        value_cache.data_ptr(),
-        rows,
-        max_length,
-        position,
-        heads,
-        kv_heads,
-        h,
-        out.data_ptr(),
-        threads,
-    )
+    inputs = [t.data_ptr() for t in (query, key, value, cos, sin)]
+    caches = (key_cache.data_ptr(), value_cache.data_ptr())
+    sizes = (rows, max_length, position, heads, kv_heads, h)
+    function = _library()[_ATTEND_FUNCTIONS[dtype]]
+    status = function(*inputs, scale, *caches, *sizes, out.data_ptr(), threads)
     return out if status == 0 else None
