@@ -16,8 +16,7 @@ from keras_gemma.samplers import Sampler
 from keras_gemma.samplers import TopKSampler
 from keras_gemma.samplers import TopPSampler
 from keras_gemma.tokenizer import GemmaTokenizer
-
-__version__ = "0.1.0"
+from keras_gemma.version import __version__ as __version__
 
 __all__ = [
     "BeamSampler",

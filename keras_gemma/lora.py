@@ -30,9 +30,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_gemma.checkpoints._io import SafetensorsFile
-from keras_gemma.checkpoints._io import atomic_file
-from keras_gemma.checkpoints._io import save_arrays
+from keras_gemma import internals
+from keras_gemma.checkpoints import SafetensorsFile
+from keras_gemma.checkpoints import atomic_file
+from keras_gemma.checkpoints import save_arrays
 from keras_gemma.weight_names import huggingface_tensors
 
 # Projections LoRA may target, by layer name, and where each lives in a block.
@@ -332,7 +333,7 @@ def merge_lora(backbone):
             kernel.assign(ops.cast(merged, kernel.dtype))
         elif layer.quantization_mode == "int8":
             # Keras's own merge-and-requantize, as used when saving a LoRA model.
-            merged, kernel_scale, _ = layer._get_kernel_with_merged_lora()
+            merged, kernel_scale, _ = internals.kernel_with_merged_lora(layer)
             kernel.assign(merged)
             layer.kernel_scale.assign(kernel_scale)
         else:
@@ -351,7 +352,7 @@ def merge_lora(backbone):
         kernel.trainable = layer.quantization_mode is None
     # Unfreeze every layer explicitly: on TensorFlow, setting `trainable` on
     # a parent does not always reach the layers its `build` created.
-    for layer in backbone._flatten_layers(include_self=True):
+    for layer in internals.flatten_layers(backbone):
         layer.trainable = True
 
 

@@ -3,11 +3,21 @@
 import keras
 import numpy as np
 
+from keras_gemma import checkpoints
 from keras_gemma.presets import PRESETS
+from keras_gemma.tokenizer import GemmaTokenizer
 
 
-def _as_string_list(inputs, what):
-    """Validates a string or a batch of strings; returns (list, was_single)."""
+def as_string_list(inputs, what):
+    """Validates a string or a batch of strings; returns `(list, was_single)`.
+
+    `what` names the argument in error messages.
+
+    >>> as_string_list("Hi", "The prompt")
+    (['Hi'], True)
+    >>> as_string_list([b"a", "b"], "The prompts")
+    (['a', 'b'], False)
+    """
     if isinstance(inputs, (str, bytes)):
         inputs = [inputs]
         single = True
@@ -69,6 +79,8 @@ class GemmaCausalLMPreprocessor:
     ((1, 8), (1, 8))
     """
 
+    tokenizer_cls = GemmaTokenizer  # what `from_preset` builds, as in keras-hub
+
     def __init__(self, tokenizer, sequence_length=1024, add_start_token=True, add_end_token=True):
         if not isinstance(sequence_length, int) or sequence_length < 1:
             raise ValueError(
@@ -110,8 +122,8 @@ class GemmaCausalLMPreprocessor:
                     "A dict input must have 'prompts' and 'responses' keys; "
                     f"missing {sorted(missing)}. Received keys: {sorted(x)}"
                 )
-            prompts, _ = _as_string_list(x["prompts"], "`prompts`")
-            responses, _ = _as_string_list(x["responses"], "`responses`")
+            prompts, _ = as_string_list(x["prompts"], "`prompts`")
+            responses, _ = as_string_list(x["responses"], "`responses`")
             if len(prompts) != len(responses):
                 raise ValueError(
                     "`prompts` and `responses` must have the same length. "
@@ -128,7 +140,7 @@ class GemmaCausalLMPreprocessor:
             # Labels are shifted by one, so a token's weight moves with it.
             weights = [w[1:] for w in weights]
         else:
-            texts, _ = _as_string_list(x, "`x`")
+            texts, _ = as_string_list(x, "`x`")
             rows = [self._start() + ids + self._end() for ids in self.tokenizer.tokenize(texts)]
             weights = None
         token_ids, padding_mask = self._pack(rows, length)
@@ -145,7 +157,7 @@ class GemmaCausalLMPreprocessor:
 
         Raises a ValueError if a prompt does not leave room to generate.
         """
-        prompts, _ = _as_string_list(x, "The prompts")
+        prompts, _ = as_string_list(x, "The prompts")
         length = sequence_length or self.sequence_length
         rows = [self._start() + ids for ids in self.tokenizer.tokenize(prompts)]
         longest = max(len(row) for row in rows)
@@ -192,14 +204,10 @@ class GemmaCausalLMPreprocessor:
     @classmethod
     def from_preset(cls, preset, load_weights=True, dtype=None, **kwargs):
         """The preset's tokenizer and sequence length; `kwargs` override them."""
-        from keras_gemma import checkpoints
-
-        return checkpoints.load_preprocessor(preset, **kwargs)
+        return checkpoints.load_preprocessor(cls, preset, **kwargs)
 
     def save_to_preset(self, preset_dir):
         """Writes tokenizer.json, preprocessor.json and the vocabulary, atomically."""
-        from keras_gemma import checkpoints
-
         checkpoints.save_preprocessor(self, preset_dir)
 
     def get_config(self):

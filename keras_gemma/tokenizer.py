@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import sentencepiece
 
+from keras_gemma import checkpoints
 from keras_gemma.presets import PRESETS
 
 PAD_PIECE = "<pad>"
@@ -186,14 +187,10 @@ class GemmaTokenizer:
     @classmethod
     def from_preset(cls, preset, load_weights=True, dtype=None, **kwargs):
         """The preset's vocabulary (`load_weights` and `dtype` do not apply)."""
-        from keras_gemma import checkpoints
-
-        return checkpoints.load_tokenizer(preset)
+        return checkpoints.load_tokenizer(cls, preset)
 
     def save_to_preset(self, preset_dir):
         """Writes tokenizer.json and assets/tokenizer/vocabulary.spm, atomically."""
-        from keras_gemma import checkpoints
-
         checkpoints.save_tokenizer(self, preset_dir)
 
     def get_config(self):

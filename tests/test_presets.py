@@ -204,6 +204,35 @@ def test_load_weights_false_and_dtype(keras_hub_preset):
     np.testing.assert_allclose(to_numpy(half(INPUTS)), to_numpy(reference(INPUTS)), atol=0.5)
 
 
+def test_from_preset_builds_the_class_it_is_called_on(keras_hub_preset):
+    # As in keras-hub: a task names its parts' classes; checkpoints builds them.
+    assert GemmaCausalLM.backbone_cls is GemmaBackbone
+    assert GemmaCausalLM.preprocessor_cls is GemmaCausalLMPreprocessor
+    assert GemmaCausalLMPreprocessor.tokenizer_cls is GemmaTokenizer
+
+    class Tokenizer(GemmaTokenizer):
+        pass
+
+    class Preprocessor(GemmaCausalLMPreprocessor):
+        tokenizer_cls = Tokenizer
+
+    class Backbone(GemmaBackbone):
+        pass
+
+    class CausalLM(GemmaCausalLM):
+        backbone_cls = Backbone
+        preprocessor_cls = Preprocessor
+
+    directory = keras_hub_preset[0]
+    model = CausalLM.from_preset(directory, load_weights=False)
+    assert type(model) is CausalLM and type(model.backbone) is Backbone
+    assert type(model.preprocessor) is Preprocessor
+    assert type(model.preprocessor.tokenizer) is Tokenizer
+    assert type(Backbone.from_preset(directory, load_weights=False)) is Backbone
+    assert type(Preprocessor.from_preset(directory).tokenizer) is Tokenizer
+    assert type(Tokenizer.from_preset(directory)) is Tokenizer
+
+
 def test_instruction_tuned_models_stop_at_end_of_turn_by_default(keras_hub_preset):
     model = GemmaCausalLM.from_preset(keras_hub_preset[0])
     tokenizer = model.preprocessor.tokenizer

@@ -1,6 +1,10 @@
 """Loading and saving Gemma presets in the Keras (Kaggle) and Hugging Face layouts.
 
-`from_preset` / `save_to_preset` on the model classes call these. A preset
+`from_preset` / `save_to_preset` on the model classes call these. As in
+keras-hub, the loaders take the class to build (`load_backbone(cls, ...)`);
+a task class names the classes of its parts (`GemmaCausalLM.backbone_cls`,
+`.preprocessor_cls`, `GemmaCausalLMPreprocessor.tokenizer_cls`), so this
+package imports none of the model modules. A preset
 is a name from `keras_gemma.presets.PRESETS`, `kaggle://...`, `hf://...` or
 a local directory in either layout, detected from its `config.json`.
 
@@ -21,7 +25,7 @@ Example:
 >>> checkpoints.save_backbone(backbone, directory)
 >>> checkpoints.detect_layout(directory)
 'keras'
->>> checkpoints.load_backbone(directory).config == backbone.config
+>>> checkpoints.load_backbone(GemmaBackbone, directory).config == backbone.config
 True
 """
 
@@ -30,22 +34,31 @@ import pathlib
 from keras_gemma.checkpoints import _hf_layout
 from keras_gemma.checkpoints import _keras_layout
 from keras_gemma.checkpoints._io import CheckpointError
+from keras_gemma.checkpoints._io import SafetensorsFile
 from keras_gemma.checkpoints._io import atomic_directory
+from keras_gemma.checkpoints._io import atomic_file
 from keras_gemma.checkpoints._io import build_with_weights
 from keras_gemma.checkpoints._io import read_json
+from keras_gemma.checkpoints._io import save_arrays
 from keras_gemma.checkpoints._resolve import PresetDownloadError
 from keras_gemma.checkpoints._resolve import resolve_preset
 
 __all__ = [
     "CheckpointError",
     "PresetDownloadError",
+    "SafetensorsFile",
+    "atomic_directory",
+    "atomic_file",
+    "build_with_weights",
     "detect_layout",
     "export_huggingface",
     "load_backbone",
     "load_causal_lm",
     "load_preprocessor",
     "load_tokenizer",
+    "read_config",
     "resolve_preset",
+    "save_arrays",
     "save_backbone",
     "save_causal_lm",
     "save_preprocessor",
@@ -96,9 +109,7 @@ def _loading_dtype(requested, saved):
     return None
 
 
-def _backbone_from(directory, config, load_weights, dtype, **kwargs):
-    from keras_gemma.backbone import GemmaBackbone
-
+def _backbone_from(cls, directory, config, load_weights, dtype, **kwargs):
     arguments = {**config.to_dict(), **kwargs}
     if dtype is not None:
         arguments["dtype"] = dtype
@@ -110,7 +121,7 @@ def _backbone_from(directory, config, load_weights, dtype, **kwargs):
             arguments["quantization_mode"] = quantization_mode
 
     def build():
-        return GemmaBackbone(**arguments)
+        return cls(**arguments)
 
     if not load_weights:
         return build()
@@ -124,16 +135,18 @@ def _backbone_from(directory, config, load_weights, dtype, **kwargs):
         close()
 
 
-def load_backbone(preset, load_weights=True, dtype=None, **kwargs):
-    """A `GemmaBackbone` from a preset; see `GemmaBackbone.from_preset`."""
+def load_backbone(cls, preset, load_weights=True, dtype=None, **kwargs):
+    """A `cls` (`GemmaBackbone`) from a preset; see `GemmaBackbone.from_preset`.
+
+    `cls` is called with the config's arguments, `dtype`, `quantization_mode`
+    for a quantized Keras preset, and `kwargs`.
+    """
     directory, config, saved_dtype = read_config(preset)
     dtype = _loading_dtype(dtype, saved_dtype)
-    return _backbone_from(directory, config, load_weights, dtype, **kwargs)
+    return _backbone_from(cls, directory, config, load_weights, dtype, **kwargs)
 
 
-def _tokenizer_from(directory, vocabulary_size=None):
-    from keras_gemma.tokenizer import GemmaTokenizer
-
+def _tokenizer_from(cls, directory, vocabulary_size=None):
     directory = pathlib.Path(directory)
     if detect_layout(directory) == "keras":
         path = directory / _keras_layout.VOCABULARY_FILE
@@ -143,7 +156,7 @@ def _tokenizer_from(directory, vocabulary_size=None):
         raise FileNotFoundError(
             f"Missing tokenizer file {str(path.relative_to(directory))!r} in {directory}."
         )
-    tokenizer = GemmaTokenizer(path)
+    tokenizer = cls(path)
     if vocabulary_size is not None and tokenizer.vocabulary_size() != vocabulary_size:
         raise CheckpointError(
             f"The tokenizer in {directory} has {tokenizer.vocabulary_size()} pieces but the "
@@ -153,44 +166,49 @@ def _tokenizer_from(directory, vocabulary_size=None):
     return tokenizer
 
 
-def load_tokenizer(preset, **kwargs):
-    """A `GemmaTokenizer` from a preset, checked against its config if it has one."""
+def load_tokenizer(cls, preset):
+    """A `cls` (`GemmaTokenizer`) from a preset, called with the path of its
+    SentencePiece file, and checked against the preset's config if it has one."""
     directory = resolve_preset(preset)
     vocabulary_size = None
     if (directory / "config.json").is_file():
         vocabulary_size = _layout_module(directory).read_config(directory)[0].vocabulary_size
-    return _tokenizer_from(directory, vocabulary_size)
+    return _tokenizer_from(cls, directory, vocabulary_size)
 
 
-def _preprocessor_from(directory, tokenizer, sequence_length=None, **kwargs):
-    from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
-
+def _preprocessor_from(cls, directory, tokenizer, sequence_length=None, **kwargs):
     if sequence_length is None and detect_layout(directory) == "keras":
         sequence_length = _keras_layout.read_sequence_length(directory)
     if sequence_length is not None:
         kwargs["sequence_length"] = sequence_length
-    return GemmaCausalLMPreprocessor(tokenizer, **kwargs)
+    return cls(tokenizer, **kwargs)
 
 
-def load_preprocessor(preset, sequence_length=None, **kwargs):
-    """A `GemmaCausalLMPreprocessor` from a preset."""
+def load_preprocessor(cls, preset, sequence_length=None, **kwargs):
+    """A `cls` (`GemmaCausalLMPreprocessor`) from a preset, with a
+    `cls.tokenizer_cls` tokenizer; `kwargs` go to `cls`."""
     kwargs.pop("load_weights", None)
     kwargs.pop("dtype", None)
     directory = resolve_preset(preset)
-    return _preprocessor_from(directory, load_tokenizer(directory), sequence_length, **kwargs)
+    tokenizer = load_tokenizer(cls.tokenizer_cls, directory)
+    return _preprocessor_from(cls, directory, tokenizer, sequence_length, **kwargs)
 
 
-def load_causal_lm(preset, load_weights=True, dtype=None, sequence_length=None, **kwargs):
-    """A `GemmaCausalLM` with its preprocessor; see `GemmaCausalLM.from_preset`."""
-    from keras_gemma.causal_lm import GemmaCausalLM
+def load_causal_lm(cls, preset, load_weights=True, dtype=None, sequence_length=None, **kwargs):
+    """A `cls` (`GemmaCausalLM`) with its preprocessor; see `GemmaCausalLM.from_preset`.
 
+    Builds `cls(backbone, preprocessor)` from a `cls.backbone_cls` and a
+    `cls.preprocessor_cls` (with its `tokenizer_cls`); `kwargs` go to the
+    backbone.
+    """
     directory, config, saved_dtype = read_config(preset)
     dtype = _loading_dtype(dtype, saved_dtype)
+    preprocessor_cls = cls.preprocessor_cls
     # Tokenizer first: a mismatch fails before gigabytes of weights are read.
-    tokenizer = _tokenizer_from(directory, config.vocabulary_size)
-    preprocessor = _preprocessor_from(directory, tokenizer, sequence_length)
-    backbone = _backbone_from(directory, config, load_weights, dtype, **kwargs)
-    return GemmaCausalLM(backbone, preprocessor)
+    tokenizer = _tokenizer_from(preprocessor_cls.tokenizer_cls, directory, config.vocabulary_size)
+    preprocessor = _preprocessor_from(preprocessor_cls, directory, tokenizer, sequence_length)
+    backbone = _backbone_from(cls.backbone_cls, directory, config, load_weights, dtype, **kwargs)
+    return cls(backbone, preprocessor)
 
 
 # Saving. Every save writes a complete directory next to the target and

@@ -18,6 +18,8 @@ import keras
 import ml_dtypes
 import numpy as np
 
+from keras_gemma import internals
+
 
 class CheckpointError(ValueError):
     """A preset or checkpoint that cannot be loaded as it is: corrupt,
@@ -237,9 +239,7 @@ def build_with_weights(build, loaders):
         with keras.StatelessScope(initialize_variables=False):
             model = build()
         variables = model.weights
-        deferred = all(getattr(v, "_value", 0) is None for v in variables) and all(
-            hasattr(v, "_deferred_initialize") for v in variables
-        )
+        deferred = internals.supports_deferred_initialization(variables)
     except TypeError:  # Keras without `initialize_variables`
         model, deferred = build(), False
         variables = model.weights
@@ -254,10 +254,11 @@ def build_with_weights(build, loaders):
     try:
         for variable in _with_progress(variables):
             load = loaders[variable.path]
-            variable._initializer = lambda shape, dtype, load=load: _cast(load(), dtype)
-            variable._deferred_initialize()
+            internals.initialize_deferred(
+                variable, lambda shape, dtype, load=load: _cast(load(), dtype)
+            )
     finally:
-        _forget_uninitialized(variables)
+        internals.forget_uninitialized_variables(variables)
     return model
 
 
@@ -274,18 +275,6 @@ def _with_progress(variables):
     for i, variable in enumerate(variables):
         yield variable
         bar.update(i + 1)
-
-
-def _forget_uninitialized(variables):
-    # Keras lists variables made in a stateless scope, to initialize them when
-    # a later scope exits; ours are initialized (or abandoned, on an error)
-    # already, so take them off that list. Keras has no public API for it.
-    from keras.src.backend.common import global_state
-
-    ids = set(map(id, variables))
-    collection = global_state.get_global_attribute("uninitialized_variables")
-    if collection:
-        collection[:] = [v for v in collection if id(v) not in ids]
 
 
 def _cast(array, dtype):

@@ -21,11 +21,13 @@ import keras
 import ml_dtypes
 import numpy as np
 
+from keras_gemma import internals
 from keras_gemma.checkpoints._io import CheckpointError
 from keras_gemma.checkpoints._io import check_shape
 from keras_gemma.checkpoints._io import read_json
 from keras_gemma.checkpoints._io import write_json
 from keras_gemma.config import GemmaConfig
+from keras_gemma.version import __version__
 from keras_gemma.weight_names import keras_hub_path
 from keras_gemma.weight_names import keras_hub_tensors
 from keras_gemma.weight_names import mapped_shape
@@ -300,16 +302,25 @@ def preprocessor_json(preprocessor):
     )
 
 
+def quantization_modes(backbone):
+    """The quantization modes of the layers `quantize()` converts: every
+    `EinsumDense` (the projections) and `Embedding` (the token embedding)."""
+    quantizable = (keras.layers.EinsumDense, keras.layers.Embedding)
+    return {
+        layer.quantization_mode
+        for layer in internals.flatten_layers(backbone)
+        if isinstance(layer, quantizable)
+    }
+
+
 def write_backbone(directory, backbone):
     """Writes config.json, metadata.json and model.weights.h5 for `backbone`."""
     import h5py
 
-    from keras_gemma.backbone import quantizable_layers
-
     directory = pathlib.Path(directory)
     dtype = backbone.dtype_policy.name
     quantization_mode = backbone.get_config().get("quantization_mode")
-    modes = {layer.quantization_mode for layer in quantizable_layers(backbone)}
+    modes = quantization_modes(backbone)
     if modes != {quantization_mode}:
         raise ValueError(
             "save_to_preset needs the embedding and every projection quantized the same "
@@ -345,13 +356,11 @@ def write_backbone(directory, backbone):
 
 
 def write_metadata(directory, backbone, tasks=()):
-    import keras_gemma
-
     write_json(
         pathlib.Path(directory) / METADATA_FILE,
         {
             "keras_version": keras.__version__,
-            "keras_gemma_version": keras_gemma.__version__,
+            "keras_gemma_version": __version__,
             "parameter_count": backbone.config.num_parameters(),
             "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
             "tasks": list(tasks),
