@@ -1,6 +1,6 @@
 """What machine a benchmark ran on, printed above its table.
 
-Reads `/proc/cpuinfo` itself rather than through `keras_gemma._backend`:
+Reads `/proc/cpuinfo` itself:
 importing the package imports Keras, which fixes the backend before
 `cpu_kernels.py` chooses one.
 """

@@ -6,9 +6,9 @@
 Each figure is a product over weights read from memory, not cache: the
 matrices together (0.8-1.6 GB) are larger than this machine's L3 (300 MB),
 so a single matrix timed in a loop would flatter every kernel. GB/s counts
-weight bytes. What each figure decided is in the comment beside the code
-it measures (`keras_gemma/torch_decoding.py`, `keras_gemma/_backend.py`,
-`keras_gemma/causal_lm.py`).
+weight bytes. The figures decide the product forms of
+`keras_gemma/backends/` (torch_cpu.py, xla_cpu.py) and the step logits of
+`keras_gemma/causal_lm.py`; `benchmarks/RESULTS.md` keeps past runs.
 """
 
 import argparse
@@ -135,7 +135,7 @@ def tensorflow_kernels():
             transposed,
         ),
     ]
-    for rows in (32, 512):  # `_backend.kernel_first_product`
+    for rows in (32, 512):
         xs = tf.constant(rng.standard_normal((rows, IN_DIM), np.float32), tf.bfloat16)
         forms += [
             (
@@ -172,8 +172,6 @@ def jax_kernels():
         _report(f"bf16 x32 @ W [in, out], {label}", seconds, 2)
     del weights
     # A decode step's row times tall `[out, in]` kernels, in one jit as in a step.
-    from keras_gemma._backend import one_row_product_in_float32
-
     tall = [
         jnp.asarray(rng.standard_normal((OUT_DIM, IN_DIM), np.float32), jnp.bfloat16)
         for _ in range(6)
@@ -186,8 +184,8 @@ def jax_kernels():
             lambda w: jnp.einsum("ri,oi->ro", two_rows, w, preferred_element_type=jnp.float32),
         ),
         (
-            "multiply-reduce (one_row_product_in_float32)",
-            lambda w: one_row_product_in_float32(row, w),
+            "multiply-reduce",
+            lambda w: jnp.sum(w.astype(jnp.float32) * row.astype(jnp.float32), axis=-1)[None],
         ),
     ):
         step = jax.jit(lambda ws, p=product: sum(p(w)[:1] for w in ws))

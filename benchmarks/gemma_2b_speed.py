@@ -52,7 +52,7 @@ def measure_bandwidth():
 
 def _random_backbone(cls, dtype):
     """A 2B backbone whose weights come straight from a NumPy generator."""
-    from keras_gemma.checkpoints._io import build_with_weights
+    from keras_gemma.checkpoints import build_with_weights
     from keras_gemma.config import GemmaConfig
 
     rng = np.random.default_rng(0)

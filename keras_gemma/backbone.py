@@ -1,12 +1,11 @@
 """GemmaBackbone: token ids in, final hidden states out."""
 
-import functools
-
 import keras
 from keras import ops
 
 from keras_gemma import checkpoints
 from keras_gemma import distribution
+from keras_gemma import internals
 from keras_gemma import lora
 from keras_gemma.config import GemmaConfig
 from keras_gemma.layers import GemmaDecoderBlock
@@ -29,24 +28,6 @@ def quantizable_layers(backbone):
         layers += [attention.query_dense, attention.key_dense, attention.value_dense]
         layers += [attention.output_dense, ffw.ffw_gating, ffw.ffw_gating_2, ffw.ffw_linear]
     return layers
-
-
-def weight_only_int8_by_default(model):
-    """Makes `model.quantize("int8")` weight-only (activations stay float).
-
-    Keras wraps `quantize` on each instance and fills in its own default
-    config (int8 activations too) before the class's method runs, so the
-    default has to be set on the instance, outside that wrapper.
-    """
-    keras_quantize = model.quantize
-
-    @functools.wraps(keras_quantize)
-    def quantize(mode=None, config=None, **kwargs):
-        if config is None:
-            config = quantization_config(mode)
-        return keras_quantize(mode, config=config, **kwargs)
-
-    model.quantize = quantize
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -115,7 +96,7 @@ class GemmaBackbone(keras.Model):
             dropout=dropout,
         )
         super().__init__(dtype=dtype, **kwargs)
-        weight_only_int8_by_default(self)
+        internals.weight_only_int8_by_default(self)
         self.config = config
         policy = self.dtype_policy
         # A reloaded quantized model builds its quantized variables directly.
@@ -283,18 +264,24 @@ class GemmaBackbone(keras.Model):
         """A `keras.distribution.LayoutMap` for model-parallel Gemma (JAX).
 
         keras-hub's signature plus `config` (a `GemmaConfig`, backbone config
-        dict or backbone): the layout depends on the shapes, e.g. 2B's single
-        key/value head is never split. See `keras_gemma.distribution`.
+        dict or backbone). Without it, as keras-hub is used (the layout is set
+        before `from_preset` picks the model), the layout fits every Gemma 1
+        preset: a matrix is split only along an axis the mesh's model
+        dimension divides in all of them, so 2B's single key/value head is
+        never split. `config` gives the best layout for that one model. See
+        `keras_gemma.distribution`.
 
         Example:
         >>> import keras
         >>> from keras_gemma import GemmaConfig
         >>> mesh = keras.distribution.DeviceMesh((1, 2), ("batch", "model"),
         ...     devices=["cpu:0", "cpu:1"])
-        >>> layout_map = GemmaBackbone.get_layout_map(mesh, config=GemmaConfig(
-        ...     256000, 18, 8, 1, 2048, 32768, 256))
-        >>> layout_map["decoder_block_0/attention/value/kernel"].axes
+        >>> GemmaBackbone.get_layout_map(mesh)["decoder_block_0/attention/value/kernel"].axes
         (None, None, 'model')
+        >>> layout_map = GemmaBackbone.get_layout_map(mesh, config=GemmaConfig(
+        ...     256000, 28, 16, 16, 3072, 49152, 256))
+        >>> layout_map["decoder_block_0/attention/value/kernel"].axes
+        ('model', None, None)
         """
         return distribution.get_layout_map(
             config, device_mesh, model_parallel_dim_name, data_parallel_dim_name

@@ -7,10 +7,10 @@ import numpy as np
 from keras import ops
 
 from keras_gemma import checkpoints
+from keras_gemma import internals
 from keras_gemma import lora
 from keras_gemma import samplers as samplers_lib
 from keras_gemma.backbone import GemmaBackbone
-from keras_gemma.backbone import weight_only_int8_by_default
 from keras_gemma.data import adapt_fit_inputs
 from keras_gemma.generation import Generator
 from keras_gemma.generation import check_token_ids
@@ -65,7 +65,7 @@ class GemmaCausalLM(keras.Model):
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         super().__init__(dtype=backbone.dtype_policy, **kwargs)
-        weight_only_int8_by_default(self)
+        internals.weight_only_int8_by_default(self)
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.sampler = samplers_lib.get("greedy")

@@ -14,7 +14,8 @@ The default decoder is the Keras forward pass (`generation.KerasDecoder`).
 A specialised one is registered here with where it applies (backend,
 device, and its own check of dtype and quantization), is picked once per
 generation call by `decoder_for`, and is held equal to the default by its
-tests. `compile_stateless` compiles what generation runs, per backend.
+tests. `compile_stateless` compiles what generation runs, per backend
+(`xla_cpu` rewrites JAX's CPU programs in low precision).
 
 Example:
 >>> [decoder.name for decoder in DECODERS]
@@ -79,7 +80,8 @@ def compile_stateless(fn, model, whole_loop=True):
     """Compiles `fn(*tensors)`, a pure function of `model`'s weights.
 
     JAX: `jax.jit` with the weights passed in as arguments, so new values
-    (after `fit`) never retrace. TensorFlow: a `tf.function`, with XLA for a
+    (after `fit`) never retrace; low precision on CPU goes through
+    `xla_cpu.accumulate_in_float32`. TensorFlow: a `tf.function`, with XLA for a
     `whole_loop` (not for one streaming step, which XLA takes long to
     compile on CPU for little gain). PyTorch: eager under `torch.no_grad()`.
     The result holds `model`'s current variables: callers drop it when
@@ -89,13 +91,17 @@ def compile_stateless(fn, model, whole_loop=True):
     if backend == "jax":
         import jax
 
+        from keras_gemma.backends import xla_cpu
+
         variables = list(model.variables)
 
-        @jax.jit
-        def jitted(values, *args):
+        def stateless(values, *args):
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
                 return fn(*args)
 
+        if xla_cpu.applies(model):
+            stateless = xla_cpu.accumulate_in_float32(stateless)
+        jitted = jax.jit(stateless)
         return lambda *args: jitted([v.value for v in variables], *args)
     if backend == "tensorflow":
         import tensorflow as tf

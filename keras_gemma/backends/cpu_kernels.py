@@ -50,6 +50,8 @@ import warnings
 
 import torch
 
+from keras_gemma import internals
+
 _SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
 _FUNCTIONS = {torch.bfloat16: "matvec_bf16", torch.int8: "matvec_i8", torch.float32: "matvec_f32"}
 _ATTEND_FUNCTIONS = {torch.bfloat16: "attend_bf16", torch.float32: "attend_f32"}
@@ -146,7 +148,8 @@ def _library():
     # by that name; elsewhere the kernel declines rather than link against a
     # runtime of another build, since a second pool's threads would compete
     # with PyTorch's spinning workers.
-    if _openmp_runtime(library) != _openmp_runtime(ctypes.CDLL(torch._C.__file__)):
+    torch_library = ctypes.CDLL(internals.torch_extension_library())
+    if _openmp_runtime(library) != _openmp_runtime(torch_library):
         return _decline("its libgomp.so.1 is not the OpenMP runtime this PyTorch build loaded")
     functions = {}
     for name in (*_FUNCTIONS.values(), *_ATTEND_FUNCTIONS.values()):

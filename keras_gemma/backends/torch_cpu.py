@@ -1,26 +1,19 @@
-"""Generation's forward pass in plain PyTorch, over the model's own weights.
+"""Generation's forward pass in plain PyTorch on CPU, over the model's own weights.
 
-Why a second path: on the torch backend every `keras.ops` call and every
-`Layer.__call__` costs tens of microseconds of Python, and one decode step of
-a small model is ~100 layer calls and ~300 ops. Measured on the benchmark
-config (6 layers, hidden 512): 23.6 ms per step through Keras, of which the
-matrix products are 7.5 ms; this module runs the same step in ~8 ms.
-It also picks the fast CPU kernels: `cpu_kernels`'s AVX2 products for up to
-16 rows (decode steps), which also apply the RMS norm, GeGLU's gating and the
-residual, and its one-call attention of a new position, so a decode layer
-runs no PyTorch op (its ~30 ops had cost ~1 ms beside ~6 ms of kernels in a
-step of the benchmark config); and oneDNN, `aten._weight_int8pack_mm` and
-`F.linear` for more rows or where those are not built, all of which want
-`[out, in]` storage, the layout every Gemma kernel is stored in (see
-`GemmaAttention`).
+Why a second path: eager Keras on torch costs tens of microseconds of
+Python for every `keras.ops` call and layer call, which is most of a small
+model's decode step. This module runs the same step in plain torch, through
+`cpu_kernels`'s AVX2 kernels for decode steps (up to `cpu_kernels.MAX_ROWS`
+rows; they also apply the RMS norm, GeGLU's gating and the residual, so a
+decode layer runs no PyTorch op) and PyTorch's CPU kernels otherwise, all
+reading the `[out, in]` storage of every Gemma kernel as it is.
 
-It computes exactly what `GemmaBackbone.compute_hidden_states` plus
-`GemmaCausalLM.compute_logits` compute (same dtypes, same float32 islands;
+It computes what `GemmaBackbone.compute_hidden_states` plus the task's
+logits compute (same dtypes, same float32 islands;
 `tests/test_torch_decoding.py` holds them equal), for inference only: no
 dropout, no gradients. Weights are read from the Keras variables on every
-construction, not copied (except under mixed precision, where each call
-casts them to the compute dtype once, as Keras's autocast does per layer
-call), so the Keras model stays the one source of truth.
+construction, not copied (except under mixed precision, where they are cast
+to the compute dtype once, as Keras's autocast does per layer call).
 """
 
 import functools
@@ -28,8 +21,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from keras_gemma.backends import cpu_kernels
+from keras_gemma import internals
 from keras_gemma.backbone import quantizable_layers
+from keras_gemma.backends import cpu_kernels
 from keras_gemma.layers.attention import MASKED_LOGIT
 from keras_gemma.layers.rotary_embedding import inverse_frequencies
 
@@ -38,48 +32,32 @@ def _value(variable):
     return variable.value
 
 
-# For float32 on CPU, oneDNN's inner product streams weights up to twice as
-# fast as the MKL GEMV/GEMM behind `torch.mv`/`F.linear` on the AMD CPUs
-# measured here (MKL's float32 GEMV runs on one core): 32000x512, one row,
-# 10-14 vs 6-7.5 GB/s; 16384x2048, eight rows, 8.9 vs 2.9. Small-config
-# generation (`benchmarks/generation_speed.py`) went from ~33 to ~45 tokens/s.
-def _onednn_linear(x, weight):
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-
-
 @functools.cache
 def _has_onednn_linear():
+    # For float32, oneDNN's inner product streams weights faster than the
+    # MKL GEMV behind `F.linear`, which runs on one core on some CPUs.
     try:
-        return bool(_onednn_linear(torch.ones(1, 4), torch.ones(1, 4)).sum() == 4)
+        return bool(internals.onednn_linear(torch.ones(1, 4), torch.ones(1, 4)).sum() == 4)
     except (AttributeError, RuntimeError):  # a build without oneDNN
         return False
 
 
-# Low-precision products of several rows (prefill, batches) are far slower
-# than float32 ones on CPUs without bfloat16 instructions: `F.linear`
-# multiplies 8 bfloat16 rows by a 16384x2048 kernel in ~30 ms, 32 rows in
-# ~110 ms, 512 in ~1.8 s (~19 GFLOP/s). Converting the kernel to float32 a
-# piece at a time and multiplying those takes ~18, ~32 and ~330 ms; from
-# one row to ~4 the conversion costs more than it saves. An 8 MB buffer
-# measured up to 1.5x faster than 16 MB (it stays in cache between the
-# conversion and the product) and 2x faster than 1 MB (per-call overhead).
-# The same holds for int8 kernels past `_INT8PACK_MAX_ROWS`, and for int8
-# kernels times float32 rows (one row: ~8 ms, against ~30 for int8pack).
+# Without bfloat16 instructions, PyTorch's low-precision products of several
+# rows (prefill, batches) are much slower than converting the kernel to
+# float32 a cache-sized piece at a time and multiplying those; for fewer
+# rows the conversion costs more than it saves. The same holds for int8
+# kernels past `_INT8PACK_MAX_ROWS` rows or times float32 rows.
 _FLOAT32_PIECES_MIN_ROWS = 6
 _FLOAT32_PIECE = 1 << 21  # weights per piece: 8 MB of float32
 
 
 def _linear(x, weight):
     """`x @ weight.T` for an `[out, in]` weight, where `cpu_kernels` does not
-    apply. One bfloat16 row goes through `torch.mv`, whose kernel streamed
-    weights at ~25 GB/s against ~20 GB/s for `F.linear` on an AMX Xeon (30
-    distinct 2048x16384 matrices; the two are equal, ~13 GB/s, on the AVX2
-    EPYCs)."""
-    if x.device.type == "cpu":
-        if x.dtype == torch.float32 and _has_onednn_linear():
-            return _onednn_linear(x, weight)
-        if x.dtype != torch.float32 and x.shape[0] >= _FLOAT32_PIECES_MIN_ROWS:
-            return _linear_in_float32_pieces(x, weight)
+    apply (`torch.mv` streams one bfloat16 row fastest)."""
+    if x.dtype == torch.float32 and _has_onednn_linear():
+        return internals.onednn_linear(x, weight)
+    if x.dtype != torch.float32 and x.shape[0] >= _FLOAT32_PIECES_MIN_ROWS:
+        return _linear_in_float32_pieces(x, weight)
     if x.shape[0] == 1:
         return torch.mv(weight, x[0])[None]
     return F.linear(x, weight)
@@ -102,27 +80,22 @@ def _linear_in_float32_pieces(x, weight, scale=None):
     return y.to(x.dtype)
 
 
-# `_weight_int8pack_mm` (where `cpu_kernels` is not built or past its rows)
-# reads int8 weights from memory at ~9-12 GB/s for one bfloat16 row (2
-# cores; it is compute-bound: 4-6 GB/s on one), but its cost grows with
-# every row (16384x2048: ~4 ms for one row, ~9 for 8, ~42 for 32, ~84 for
-# 64) and it is 10-40x slower with float32 rows. The float32 pieces above
-# grow more slowly (~32 ms for 32 rows, ~45 for 48): over the four 2B
-# kernel shapes the two tie at ~32 rows.
+# PyTorch's int8 kernel's cost grows with every row, faster than the float32
+# pieces', and it is far slower with float32 rows; the two tie at about
+# this many bfloat16 rows over the 2B kernel shapes.
 _INT8PACK_MAX_ROWS = 32
 
 
 def _int8_linear(x, kernel, scale):
-    """`(x @ kernel.T) * scale` for int8 `kernel` `[out, in]` on CPU."""
+    """`(x @ kernel.T) * scale` for int8 `kernel` `[out, in]`."""
     _, in_dim = kernel.shape
-    # The kernel also reads garbage or crashes (segfault) on bfloat16 rows
-    # whose length is not a multiple of 16, or that do not start on a 32-byte
-    # boundary (a view into a larger tensor; copies are 64-byte aligned);
-    # found by `tests/test_torch_decoding.py`.
+    # The kernel reads garbage or crashes on bfloat16 rows whose length is not
+    # a multiple of 16, or that do not start on a 32-byte boundary (a view
+    # into a larger tensor; copies are 64-byte aligned).
     if x.dtype == torch.bfloat16 and x.shape[0] <= _INT8PACK_MAX_ROWS and in_dim % 16 == 0:
         if x.data_ptr() % 64:
             x = x.clone(memory_format=torch.contiguous_format)
-        return torch.ops.aten._weight_int8pack_mm(x, kernel, scale)
+        return internals.int8pack_mm(x, kernel, scale)
     return _linear_in_float32_pieces(x, kernel, scale)
 
 
@@ -139,7 +112,7 @@ class _Projection:
             raise NotImplementedError(
                 f"Decoding with {layer.quantization_mode!r} weights on torch is not supported."
             )
-        kernel = _value(layer._kernel)
+        kernel = _value(internals.stored_kernel(layer))
         self.kernel = kernel.reshape(-1, kernel.shape[-1])
         self.scale = None
         if self.quantized:
@@ -155,10 +128,8 @@ class _Projection:
             self.lora = (b.t(), a.reshape(-1, a.shape[-1]).t() * scale)
 
     def __call__(self, x):
-        if self.quantized and x.device.type == "cpu":
+        if self.quantized:
             y = _int8_linear(x, self.kernel, self.scale)
-        elif self.quantized:
-            y = F.linear(x, self.kernel.to(x.dtype)) * self.scale
         else:
             y = _linear(x, self.kernel)
         return self.add_lora(x, y)
@@ -172,18 +143,16 @@ class _Projection:
 
 
 # int8 products of a few more rows than `cpu_kernels` takes at once (a short
-# prompt's prefill) still run faster through it, 16 rows at a time, than
-# through `_weight_int8pack_mm`: 16384x2048 times 32 bfloat16 rows, 28 ms
-# against 44; 64 rows, 58 against 53.
+# prompt's prefill) still run faster through it, a chunk at a time, than
+# through PyTorch's int8 kernel.
 _INT8_CHUNKED_MAX_ROWS = 32
 
 
 class _Projections:
     """Several projections of one input, `[rows, in]` -> a `[rows, out]`
-    each, in one `cpu_kernels` call where it applies (decode steps on CPU):
-    each call and each PyTorch op costs microseconds on top of its weights,
-    and a layer's key and value matrices are small enough for that to be
-    most of theirs."""
+    each, in one `cpu_kernels` call where it applies (decode steps): each
+    call and PyTorch op costs microseconds, as long as reading a small
+    key or value matrix takes."""
 
     def __init__(self, layers, dtype):
         self.dtype = dtype
@@ -249,11 +218,9 @@ def _rms_norm(x, scale, eps, dtype):
 
 
 def _matmul(a, b):
-    """`a @ b` rounded to `a`'s dtype. Low precision multiplies in float32 on
-    CPU, which is what its kernels do inside, only faster: decoding's
-    `[8, 256] @ [256, 64]` products take ~130 us in bfloat16 and ~35 with
-    the casts (2B: ~4 ms a step)."""
-    if a.device.type == "cpu" and a.dtype != torch.float32:
+    """`a @ b` rounded to `a`'s dtype. Low precision multiplies in float32,
+    which is what PyTorch's CPU kernels do inside, only faster."""
+    if a.dtype != torch.float32:
         return torch.matmul(a.float(), b.float()).to(a.dtype)
     return torch.matmul(a, b)
 
@@ -329,7 +296,7 @@ class Decoder:
         embedding = backbone.token_embedding
         self.embedding_scale = None
         if embedding.quantization_mode == "int8":
-            self.embeddings = _value(embedding._embeddings)
+            self.embeddings = _value(internals.stored_embeddings(embedding))
             self.embedding_scale = (1.0 / _value(embedding.embeddings_scale)).to(self.dtype)
         else:
             self.embeddings = _value(embedding.embeddings).to(self.dtype)

@@ -2,7 +2,6 @@ import keras
 from keras import ops
 
 
-
 def quantization_config(mode):
     """Our default config for a Keras quantization mode.
 
