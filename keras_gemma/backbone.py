@@ -96,7 +96,7 @@ class GemmaBackbone(keras.Model):
             dropout=dropout,
         )
         super().__init__(dtype=dtype, **kwargs)
-        internals.weight_only_int8_by_default(self)
+        internals.default_quantization_config(self, quantization_config)
         self.config = config
         policy = self.dtype_policy
         # A reloaded quantized model builds its quantized variables directly.

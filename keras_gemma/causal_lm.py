@@ -14,6 +14,7 @@ from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.data import adapt_fit_inputs
 from keras_gemma.generation import Generator
 from keras_gemma.generation import check_token_ids
+from keras_gemma.layers.projection import quantization_config
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.preprocessor import as_string_list
 from keras_gemma.presets import PRESETS
@@ -65,7 +66,7 @@ class GemmaCausalLM(keras.Model):
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         super().__init__(dtype=backbone.dtype_policy, **kwargs)
-        internals.weight_only_int8_by_default(self)
+        internals.default_quantization_config(self, quantization_config)
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.sampler = samplers_lib.get("greedy")

@@ -1,17 +1,10 @@
-"""Every Keras and PyTorch internal keras_gemma relies on, each in one small function.
-
-Each function wraps one private attribute, method or op, with a sentence on
-why no public API does; `tests/test_internals.py` checks each one's
-behaviour, so a Keras or PyTorch upgrade that changes it fails there, by
-name, rather than somewhere deep in loading or decoding.
-`tests/test_imports.py` keeps such uses out of every other module.
-
-PyTorch is optional: the torch functions import it when called.
+"""Every Keras and PyTorch internal keras_gemma relies on, each in one small
+function saying why no public API does. `tests/test_internals.py` checks each,
+so an upgrade that changes one fails there, by name; `tests/test_imports.py`
+keeps such uses out of every other module. Torch is imported when called.
 """
 
 import functools
-
-from keras_gemma.layers.projection import quantization_config
 
 # Keras variables.
 
@@ -29,12 +22,9 @@ def supports_deferred_initialization(variables):
 
 
 def initialize_deferred(variable, initializer):
-    """Allocates a deferred `variable` with `initializer(shape, dtype)`.
-
-    Lets a checkpoint load tensor by tensor straight into the variables, so
-    no random initial values are ever allocated (peak memory: the model plus
-    one tensor).
-    """
+    """Allocates a deferred `variable` with `initializer(shape, dtype)`, so a
+    checkpoint loads straight into the variables (peak: the model plus one
+    tensor)."""
     # Keras keeps the initializer in `_initializer` and calls it in
     # `_deferred_initialize`; there is no public way to swap it.
     variable._initializer = initializer
@@ -42,12 +32,8 @@ def initialize_deferred(variable, initializer):
 
 
 def forget_uninitialized_variables(variables):
-    """Takes `variables` off Keras's list of variables to initialize later.
-
-    Keras lists the variables made in a stateless scope, to initialize them
-    when a later scope exits; ours are initialized (or abandoned, on an
-    error) already, and Keras has no public API to unlist them.
-    """
+    """Takes `variables` off Keras's list of variables that a later scope's
+    exit initializes: ours are initialized (or abandoned) already."""
     from keras.src.backend.common import global_state
 
     ids = set(map(id, variables))
@@ -90,8 +76,9 @@ def flatten_layers(layer):
     return list(layer._flatten_layers(include_self=True, recursive=True))
 
 
-def weight_only_int8_by_default(model):
-    """Makes `model.quantize("int8")` weight-only (activations stay float).
+def default_quantization_config(model, config_for_mode):
+    """Makes `model.quantize(mode)` use `config_for_mode(mode)` when no config
+    is given (for Gemma: weight-only int8).
 
     Keras's `Layer.__new__` wraps `quantize` on each instance and fills in
     its own default config (int8 activations too) before the class's method
@@ -102,24 +89,30 @@ def weight_only_int8_by_default(model):
     @functools.wraps(keras_quantize)
     def quantize(mode=None, config=None, **kwargs):
         if config is None:
-            config = quantization_config(mode)
+            config = config_for_mode(mode)
         return keras_quantize(mode, config=config, **kwargs)
 
     model.quantize = quantize
+
+
+def call_without_lora(layer, x):
+    """`layer(x)` for an `EinsumDense`, without its LoRA update."""
+    # Keras's quantized call has no other way to compute the quantized
+    # product alone; `lora_enabled` is Python state, read while tracing.
+    layer.lora_enabled = False
+    try:
+        return layer(x)
+    finally:
+        layer.lora_enabled = True
 
 
 # PyTorch ops.
 
 
 def onednn_linear(x, weight):
-    """`x @ weight.T` for float32 on CPU, by oneDNN's inner product.
-
-    Raises AttributeError or RuntimeError on a PyTorch built without oneDNN.
-    """
-    # oneDNN's linear op, which Inductor's CPU fusions emit; no public
-    # function calls it, and it streams float32 weights up to twice as fast
-    # as the MKL GEMV behind `F.linear` on the CPUs measured (see
-    # keras_gemma/backends/torch_cpu.py).
+    """`x @ weight.T` for float32 on CPU, by oneDNN's inner product (raises
+    AttributeError or RuntimeError on a PyTorch built without oneDNN)."""
+    # The op Inductor's CPU fusions emit; no public function calls it.
     import torch
 
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
@@ -127,12 +120,8 @@ def onednn_linear(x, weight):
 
 def int8pack_mm(x, kernel, scale):
     """`(x @ kernel.T) * scale` for an int8 `kernel` `[out, in]` and a float
-    `scale` `[out]`, in `x`'s dtype, on CPU.
-
-    Its input limits (bfloat16 rows whose length is a multiple of 16 and that
-    start 32-byte aligned) are the caller's to respect; see
-    `keras_gemma/backends/torch_cpu.py`.
-    """
+    `scale` `[out]`, on CPU; its input limits are the caller's to respect
+    (`backends/torch_cpu.py`)."""
     # PyTorch's CPU kernel for weight-only int8 products exists only as this
     # private aten op; public functions convert the int8 weights first.
     import torch
@@ -149,18 +138,3 @@ def torch_extension_library():
     import torch
 
     return torch._C.__file__
-
-
-__all__ = [
-    "flatten_layers",
-    "forget_uninitialized_variables",
-    "initialize_deferred",
-    "int8pack_mm",
-    "kernel_with_merged_lora",
-    "onednn_linear",
-    "stored_embeddings",
-    "stored_kernel",
-    "supports_deferred_initialization",
-    "torch_extension_library",
-    "weight_only_int8_by_default",
-]

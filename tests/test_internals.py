@@ -14,6 +14,7 @@ import pytest
 from helpers import to_numpy
 
 from keras_gemma import internals
+from keras_gemma.layers.projection import quantization_config
 
 torch_only = pytest.mark.skipif(
     keras.config.backend() != "torch", reason="PyTorch internals, used on the torch backend"
@@ -168,7 +169,7 @@ class _OneProjection(keras.Model):
     def __init__(self, weight_only_by_default):
         super().__init__()
         if weight_only_by_default:
-            internals.weight_only_int8_by_default(self)
+            internals.default_quantization_config(self, quantization_config)
         self.projection = keras.layers.EinsumDense("ab,bc->ac", (3,))
         self.projection.build((None, 4))
         self.built = True
@@ -183,7 +184,7 @@ def test_int8_quantize_defaults_to_weight_only():
     plain.quantize("int8")
     assert plain.projection.inputs_quantizer is not None, (
         "Keras's default int8 config no longer quantizes activations; "
-        "`weight_only_int8_by_default` may be unnecessary."
+        "`default_quantization_config` may be unnecessary."
     )
     ours = _OneProjection(weight_only_by_default=True)
     ours.quantize("int8")

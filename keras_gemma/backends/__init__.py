@@ -1,20 +1,14 @@
 """Backend-, device- and CPU-specific code, behind one seam.
 
-The model is written once, in Keras (`layers/`, `backbone.py`,
-`causal_lm.py`); generation (`keras_gemma.generation`) runs it through a
-*decoder*: an object with
-
-- `prefill(token_ids, prefill_length, start) -> (cache, logits)`: the KV
-  cache of the first `prefill_length` tokens and the float32 logits
-  `[batch, vocab]` for position `start`;
-- `next_logits(token_ids, cache, index) -> (logits, cache)`: the logits for
-  position `index`, feeding the token before it through the cache.
-
-The default decoder is the Keras forward pass (`generation.KerasDecoder`).
-A specialised one is registered here with where it applies (backend,
-device, and its own check of dtype and quantization), is picked once per
-generation call by `decoder_for`, and is held equal to the default by its
-tests. `compile_stateless` compiles what generation runs, per backend
+The model is written once, in Keras; generation (`keras_gemma.generation`)
+runs it through a *decoder*: `prefill(token_ids, prefill_length, start) ->
+(cache, logits)` (the KV cache of the first `prefill_length` tokens, the
+float32 logits `[batch, vocab]` for position `start`) and
+`next_logits(token_ids, cache, index) -> (logits, cache)` (position `index`,
+feeding the token before it). The default is the Keras forward pass
+(`generation.KerasDecoder`); a specialised decoder is registered here with
+where it applies, picked once per call by `decoder_for`, and held equal to
+the default by its tests. `compile_stateless` compiles per backend
 (`xla_cpu` rewrites JAX's CPU programs in low precision).
 
 Example:

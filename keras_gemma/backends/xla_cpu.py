@@ -68,7 +68,8 @@ def _evaluate(closed, args):
             product = _dot_in_float32(*inputs, params)
             outputs = [lax.convert_element_type(product, eqn.outvars[0].aval.dtype)]
         else:
-            outputs = eqn.primitive.bind(*inputs, **params)
+            # As `jax.core.eval_jaxpr` binds (call primitives adjust their params).
+            outputs = eqn.primitive.bind(*inputs, **eqn.primitive.get_bind_params(params))
             outputs = outputs if eqn.primitive.multiple_results else [outputs]
         env.update(zip(eqn.outvars, outputs))
     return [read(v) for v in jaxpr.outvars]

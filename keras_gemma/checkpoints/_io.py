@@ -262,7 +262,7 @@ def build_with_weights(build, loaders):
     return model
 
 
-# Loads above this size show a progress bar (a 2B model takes ~40 s on CPU).
+# Loads above this size show a progress bar (a 2B model takes tens of seconds).
 _PROGRESS_BYTES = 2**28
 
 

@@ -1,6 +1,8 @@
 import keras
 from keras import ops
 
+from keras_gemma import internals
+
 
 def quantization_config(mode):
     """Our default config for a Keras quantization mode.
@@ -33,7 +35,7 @@ def projection(
     The initializer is rebuilt from its config for each layer: a seeded Keras
     initializer reused as-is would give every projection identical weights.
     (Not through `keras.initializers.serialize`, which imports TensorFlow
-    where it is installed: +0.5 GB resident and seconds, on every backend.)
+    where it is installed, on every backend.)
     """
     initializer = type(kernel_initializer).from_config(kernel_initializer.get_config())
     return keras.layers.EinsumDense(
@@ -62,13 +64,7 @@ def project(layer, x):
 def _quantized_product(layer, x):
     """The quantized product by the layer's own call, plus the update
     `einsum(x @ b.T, a)`."""
-    # Keras has no call for the quantized product alone: switch the layer's
-    # LoRA off around its own call (Python state, read while tracing).
-    layer.lora_enabled = False
-    try:
-        y = layer(x)
-    finally:
-        layer.lora_enabled = True
+    y = internals.call_without_lora(layer, x)
     inputs, kernel, output = _equation_parts(layer)
     rank_label = next(c for c in "rzyxwvu" if c not in layer.equation)
     equation = f"{inputs[:-1]}{rank_label},{kernel[:-1]}{rank_label}->{output}"
