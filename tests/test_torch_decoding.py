@@ -187,9 +187,12 @@ def _use_cpu_kernels(monkeypatch, native):
         pytest.skip("cpu_kernels is not built here (no AVX2 + FMA or no C compiler)")
 
 
+@pytest.mark.parametrize("native_bfloat16", [True, False])
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype, onednn):
+def test_float_products_equal_float64_for_any_rows_and_kernel(
+    monkeypatch, dtype, onednn, native_bfloat16
+):
     """PyTorch's kernels, where `cpu_kernels` (tested on its own) does not apply."""
     import torch
 
@@ -198,8 +201,10 @@ def test_float_products_equal_float64_for_any_rows_and_kernel(monkeypatch, dtype
     if onednn and not torch_decoding._has_onednn_linear():
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(torch_decoding, "_has_onednn_linear", lambda: onednn)
-    # Low precision from 6 rows on goes through float32 pieces: 5 kernel
-    # rows each here, seven full pieces and a ragged last one.
+    monkeypatch.setattr(torch_decoding, "_cpu_has_bfloat16_instructions", lambda: native_bfloat16)
+    # Without bfloat16 instructions, low precision from 6 rows on goes through
+    # float32 pieces: 5 kernel rows each here, seven full pieces and a ragged
+    # last one.
     monkeypatch.setattr(torch_decoding, "_FLOAT32_PIECE", 5 * 40)
     rng = np.random.default_rng(0)
     weight = torch.from_numpy(rng.standard_normal((37, 40))).to(getattr(torch, dtype))

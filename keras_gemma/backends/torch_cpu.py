@@ -51,13 +51,26 @@ _FLOAT32_PIECES_MIN_ROWS = 6
 _FLOAT32_PIECE = 1 << 21  # weights per piece: 8 MB of float32
 
 
+@functools.cache
+def _cpu_has_bfloat16_instructions():
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX),
+    where PyTorch's own bfloat16 products beat the float32 pieces."""
+    try:
+        with open("/proc/cpuinfo") as file:
+            flags = next((line for line in file if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def _linear(x, weight):
     """`x @ weight.T` for an `[out, in]` weight, where `cpu_kernels` does not
     apply (`torch.mv` streams one bfloat16 row fastest)."""
     if x.dtype == torch.float32 and _has_onednn_linear():
         return internals.onednn_linear(x, weight)
     if x.dtype != torch.float32 and x.shape[0] >= _FLOAT32_PIECES_MIN_ROWS:
-        return _linear_in_float32_pieces(x, weight)
+        if not (x.dtype == torch.bfloat16 and _cpu_has_bfloat16_instructions()):
+            return _linear_in_float32_pieces(x, weight)
     if x.shape[0] == 1:
         return torch.mv(weight, x[0])[None]
     return F.linear(x, weight)
