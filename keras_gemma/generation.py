@@ -2,7 +2,7 @@
 `generate` / `generate_stream` built from one prefill and one step.
 
 A decoder (see `keras_gemma.backends`) computes logits; the sampler turns
-them into tokens. `Generator.start` prefills the prompts and, where the
+them into tokens. A generation starts by prefilling the prompts and, where the
 sampler allows, draws the first token from the prefill's own logits;
 `generate` then runs the sampler's whole loop in one compiled call, and
 `stream` one compiled step per token.
