@@ -130,6 +130,16 @@ def compare_int8(args, repeats=5):
     return result
 
 
+def model_weight_bytes(model):
+    """Bytes of every weight of a Keras model, in its stored dtypes."""
+    import keras
+
+    return sum(
+        int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
+        for v in model.weights
+    )
+
+
 def _timings(generate, generate_one_token, repeats=3):
     """Seconds of the first call, and the best of `repeats` warm calls and
     warm one-token calls (this host's speed drifts by up to ~30% between
@@ -212,10 +222,7 @@ def measure(args):
         lambda: lm.generate(inputs, stop_token_ids=None),
         lambda: lm.generate(one_token, stop_token_ids=None),
     )
-    weight_bytes = sum(
-        int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
-        for v in lm.weights
-    )
+    weight_bytes = model_weight_bytes(lm)
     return {
         "backend": keras.config.backend(),
         "library": "keras-hub" if args.keras_hub else "keras_gemma",

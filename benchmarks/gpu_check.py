@@ -126,6 +126,7 @@ def decode(args):
     import keras
     from gemma_2b_speed import _inputs
     from gemma_2b_speed import _timings
+    from gemma_2b_speed import model_weight_bytes
 
     _device(args)
     # GB/s read + written by a device-to-device `x -> -x` of 1 GiB, before the weights.
@@ -145,10 +146,7 @@ def decode(args):
         lambda: lm.generate(inputs, stop_token_ids=None),
         lambda: lm.generate(one_token, stop_token_ids=None),
     )
-    weight_bytes = sum(
-        int(np.prod(v.shape)) * np.dtype(keras.backend.standardize_dtype(v.dtype)).itemsize
-        for v in lm.weights
-    )
+    weight_bytes = model_weight_bytes(lm)
     decode_speed = (NEW_TOKENS - 1) / (seconds - one_token_s)
     return [weight_bytes / 1e9, NEW_TOKENS / seconds, decode_speed, copy_gb_s, first_s]
 
