@@ -180,11 +180,14 @@ def _use_cpu_kernels(monkeypatch, native):
     """Run the decoder's products through `cpu_kernels` (skip where it is not
     built) or through PyTorch's kernels only."""
     from keras_gemma.backends import cpu_kernels
+    from keras_gemma.backends import torch_cpu
 
     if not native:
         monkeypatch.setattr(cpu_kernels, "prepare", lambda *args: None)
     elif cpu_kernels._library() is None:
         pytest.skip("cpu_kernels is not built here (no AVX2 + FMA or no C compiler)")
+    else:  # bfloat16 weights too, whatever this CPU prefers
+        monkeypatch.setattr(torch_cpu, "_cpu_has_bfloat16_instructions", lambda: False)
 
 
 @pytest.mark.parametrize("native_bfloat16", [True, False])
@@ -223,3 +226,23 @@ def test_float_products_equal_float64_for_any_rows_and_kernel(
         np.testing.assert_allclose(
             result.double().numpy(), want, atol=tolerance * np.abs(want).max()
         )
+
+
+def test_bfloat16_weights_use_pytorch_products_where_the_cpu_has_bfloat16(monkeypatch):
+    from keras_gemma.backends import torch_cpu
+
+    lm = _prepare("bfloat16")
+    for native_bfloat16 in (True, False):
+        prefers = native_bfloat16
+        monkeypatch.setattr(torch_cpu, "_cpu_has_bfloat16_instructions", lambda p=prefers: p)
+        decoder = torch_cpu.Decoder(lm.backbone)
+        assert (decoder.blocks[0].query_key_value.native is None) == native_bfloat16
+    # int8 weights keep the kernel (it streams them faster than PyTorch's).
+    int8 = torch_cpu.Decoder(_prepare("bfloat16_int8").backbone)
+    assert int8.blocks[0].query_key_value.native is not None or not _kernel_built()
+
+
+def _kernel_built():
+    from keras_gemma.backends import cpu_kernels
+
+    return cpu_kernels._library() is not None
