@@ -44,45 +44,24 @@ _PRESET_CONFIGS = tuple(
     {p["architecture"]: GemmaConfig(**p["config"]) for p in PRESETS.values()}.values()
 )
 
-# Variable-path regex -> (example path in `GemmaConfig.weight_shapes()`,
-# axes to shard in order of preference, whether it must be shardable).
-# Query/key/value `[heads, head_dim, hidden]`, output `[hidden, heads *
-# head_dim]`, feed-forward `[out, in]`: heads, then the intermediate axis,
-# shard first.
+# Variable-path regex -> (axes to shard in order of preference, whether it
+# must be shardable). Query/key/value `[heads, head_dim, hidden]`, output
+# `[hidden, heads * head_dim]`, feed-forward `[out, in]`: heads, then the
+# intermediate axis, shard first.
 _RULES = {
-    "token_embedding/embeddings": ("token_embedding/embeddings", (0, 1), True),
-    r"decoder_block_\d+/attention/query/kernel": (
-        "decoder_block_0/attention/query/kernel",
-        (0, 2, 1),
-        True,
-    ),
+    "token_embedding/embeddings": ((0, 1), True),
+    r"decoder_block_\d+/attention/query/kernel": ((0, 2, 1), True),
     # With fewer key/value heads than model shards (multi-query 2B, small
     # groups) the kernels shard along hidden; replicating is the fallback.
-    r"decoder_block_\d+/attention/(key|value)/kernel": (
-        "decoder_block_0/attention/key/kernel",
-        (0, 2, 1),
-        False,
-    ),
-    r"decoder_block_\d+/attention/attention_output/kernel": (
-        "decoder_block_0/attention/attention_output/kernel",
-        (1, 0),
-        True,
-    ),
-    r"decoder_block_\d+/feed_forward/ffw_gating(_2)?/kernel": (
-        "decoder_block_0/feed_forward/ffw_gating/kernel",
-        (0, 1),
-        True,
-    ),
-    r"decoder_block_\d+/feed_forward/ffw_linear/kernel": (
-        "decoder_block_0/feed_forward/ffw_linear/kernel",
-        (1, 0),
-        True,
-    ),
+    r"decoder_block_\d+/attention/(key|value)/kernel": ((0, 2, 1), False),
+    r"decoder_block_\d+/attention/attention_output/kernel": ((1, 0), True),
+    r"decoder_block_\d+/feed_forward/ffw_gating(_2)?/kernel": ((0, 1), True),
+    r"decoder_block_\d+/feed_forward/ffw_linear/kernel": ((1, 0), True),
 }
-_REPLICATED = {
-    r"decoder_block_\d+/(pre_attention_norm|pre_ffw_norm)/scale": 1,
-    "final_normalization/scale": 1,
-}
+_REPLICATED = (
+    r"decoder_block_\d+/(pre_attention_norm|pre_ffw_norm)/scale",
+    "final_normalization/scale",
+)
 
 
 def _as_config(config):
@@ -105,10 +84,8 @@ def _check_mesh(device_mesh, model_parallel_dim_name, data_parallel_dim_name):
             f"`device_mesh` must be a `keras.distribution.DeviceMesh`. Received: {device_mesh!r}"
         )
     names = tuple(device_mesh.axis_names)
-    for argument, name in (
-        ("model_parallel_dim_name", model_parallel_dim_name),
-        ("data_parallel_dim_name", data_parallel_dim_name),
-    ):
+    arguments = ("model_parallel_dim_name", "data_parallel_dim_name")
+    for argument, name in zip(arguments, (model_parallel_dim_name, data_parallel_dim_name)):
         if name not in names:
             raise ValueError(
                 f"`{argument}`={name!r} is not an axis of the device mesh, whose axes are {names}."
@@ -121,36 +98,41 @@ def _check_mesh(device_mesh, model_parallel_dim_name, data_parallel_dim_name):
     return device_mesh.shape[names.index(model_parallel_dim_name)]
 
 
+def _axes(config, pattern, model_size, model_parallel_dim_name):
+    configs = _PRESET_CONFIGS if config is None else (config,)
+    preferences, required = _RULES[pattern]
+    # The pattern's variable in block 0, which every config has.
+    example = next(p for p in configs[0].weight_shapes() if re.fullmatch(pattern, p))
+    shapes = [c.weight_shapes()[example] for c in configs]
+    shape = shapes[0]
+    for axis in preferences:
+        # A size-1 axis (the single key/value head) is never sharded, even
+        # over a mesh axis of size 1.
+        if all(s[axis] > 1 and s[axis] % model_size == 0 for s in shapes):
+            axes = [None] * len(shape)
+            axes[axis] = model_parallel_dim_name
+            return tuple(axes)
+    if required and config is not None:
+        raise ValueError(
+            f"Cannot shard '{example}' (shape {shape}) over a model-parallel mesh "
+            f"axis of size {model_size}: it divides none of the axes. Use a "
+            f"model axis size that divides one of {shape} (for Gemma's configs "
+            "a power of two up to the number of query heads) and put the "
+            "remaining devices on the data axis."
+        )
+    return (None,) * len(shape)
+
+
 def variable_axes(config, path, model_size, model_parallel_dim_name="model"):
     """Sharding spec (a tuple of mesh axis names or None) for one variable path.
 
     `config=None` gives the spec that fits every Gemma 1 preset.
     """
-    configs = _PRESET_CONFIGS if config is None else (config,)
-    for pattern, (example, preferences, required) in _RULES.items():
-        if not re.fullmatch(pattern, path):
-            continue
-        shapes = [c.weight_shapes()[example] for c in configs]
-        shape = shapes[0]
-        for axis in preferences:
-            # A size-1 axis (the single key/value head) is never sharded, even
-            # over a mesh axis of size 1.
-            if all(s[axis] > 1 and s[axis] % model_size == 0 for s in shapes):
-                axes = [None] * len(shape)
-                axes[axis] = model_parallel_dim_name
-                return tuple(axes)
-        if required and config is not None:
-            raise ValueError(
-                f"Cannot shard '{path}' (shape {shape}) over a model-parallel mesh "
-                f"axis of size {model_size}: it divides none of the axes. Use a "
-                f"model axis size that divides one of {shape} (for Gemma's configs "
-                "a power of two up to the number of query heads) and put the "
-                "remaining devices on the data axis."
-            )
-        return (None,) * len(shape)
-    for pattern, rank in _REPLICATED.items():
+    for pattern in _RULES:
         if re.fullmatch(pattern, path):
-            return (None,) * rank
+            return _axes(config, pattern, model_size, model_parallel_dim_name)
+    if any(re.fullmatch(pattern, path) for pattern in _REPLICATED):
+        return (None,)
     return None
 
 
@@ -185,13 +167,10 @@ def get_layout_map(
     config = _as_config(config)
     model_size = _check_mesh(device_mesh, model_parallel_dim_name, data_parallel_dim_name)
     layout_map = keras.distribution.LayoutMap(device_mesh)
-    examples = {pattern: example for pattern, (example, _, _) in _RULES.items()}
     for pattern in _RULES:
-        layout_map[pattern] = variable_axes(
-            config, examples[pattern], model_size, model_parallel_dim_name
-        )
-    for pattern, rank in _REPLICATED.items():
-        layout_map[pattern] = (None,) * rank
+        layout_map[pattern] = _axes(config, pattern, model_size, model_parallel_dim_name)
+    for pattern in _REPLICATED:
+        layout_map[pattern] = (None,)
     return layout_map
 
 

@@ -74,78 +74,34 @@ def huggingface_tensors(config):
     turns our array into theirs and `from_hf` the reverse. Hugging Face stores
     `nn.Linear` weights as `[out_features, in_features]` with heads merged.
     """
-    n, kv, h, d = (
-        config.num_query_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-        config.hidden_dim,
-    )
-
-    def same(x):
-        return x
-
-    def heads_merged(x):
-        # ours [heads, h, d] -> theirs [heads * h, d]
-        return np.reshape(x, (-1, d))
+    kv, h, d = config.num_key_value_heads, config.head_dim, config.hidden_dim
+    same = lambda x: x
+    heads_merged = lambda x: np.reshape(x, (-1, d))  # [heads, h, d] -> [heads * h, d]
 
     def heads_split(heads):
         return lambda x: np.reshape(x, (heads, h, d))
 
+    # Ours (inside decoder_block_i) -> theirs (inside model.layers.i), from_hf.
+    block = {
+        "pre_attention_norm/scale": ("input_layernorm", same),
+        "attention/query/kernel": ("self_attn.q_proj", heads_split(config.num_query_heads)),
+        "attention/key/kernel": ("self_attn.k_proj", heads_split(kv)),
+        "attention/value/kernel": ("self_attn.v_proj", heads_split(kv)),
+        "attention/attention_output/kernel": ("self_attn.o_proj", same),
+        "pre_ffw_norm/scale": ("post_attention_layernorm", same),
+        "feed_forward/ffw_gating/kernel": ("mlp.gate_proj", same),
+        "feed_forward/ffw_gating_2/kernel": ("mlp.up_proj", same),
+        "feed_forward/ffw_linear/kernel": ("mlp.down_proj", same),
+    }
     tensors = {
         "token_embedding/embeddings": ("model.embed_tokens.weight", same, same),
         "final_normalization/scale": ("model.norm.weight", same, same),
     }
     for i in range(config.num_layers):
-        ours, theirs = f"decoder_block_{i}", f"model.layers.{i}"
-        tensors.update(
-            {
-                f"{ours}/pre_attention_norm/scale": (
-                    f"{theirs}.input_layernorm.weight",
-                    same,
-                    same,
-                ),
-                f"{ours}/attention/query/kernel": (
-                    f"{theirs}.self_attn.q_proj.weight",
-                    heads_merged,
-                    heads_split(n),
-                ),
-                f"{ours}/attention/key/kernel": (
-                    f"{theirs}.self_attn.k_proj.weight",
-                    heads_merged,
-                    heads_split(kv),
-                ),
-                f"{ours}/attention/value/kernel": (
-                    f"{theirs}.self_attn.v_proj.weight",
-                    heads_merged,
-                    heads_split(kv),
-                ),
-                f"{ours}/attention/attention_output/kernel": (
-                    f"{theirs}.self_attn.o_proj.weight",
-                    same,
-                    same,
-                ),
-                f"{ours}/pre_ffw_norm/scale": (
-                    f"{theirs}.post_attention_layernorm.weight",
-                    same,
-                    same,
-                ),
-                f"{ours}/feed_forward/ffw_gating/kernel": (
-                    f"{theirs}.mlp.gate_proj.weight",
-                    same,
-                    same,
-                ),
-                f"{ours}/feed_forward/ffw_gating_2/kernel": (
-                    f"{theirs}.mlp.up_proj.weight",
-                    same,
-                    same,
-                ),
-                f"{ours}/feed_forward/ffw_linear/kernel": (
-                    f"{theirs}.mlp.down_proj.weight",
-                    same,
-                    same,
-                ),
-            }
-        )
+        for ours, (theirs, from_hf) in block.items():
+            to_hf = same if from_hf is same else heads_merged
+            name = f"model.layers.{i}.{theirs}.weight"
+            tensors[f"decoder_block_{i}/{ours}"] = (name, to_hf, from_hf)
     return tensors
 
 
