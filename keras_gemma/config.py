@@ -1,6 +1,7 @@
 """The one place Gemma's hyperparameters live, validated once."""
 
 import dataclasses
+import math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,16 +30,7 @@ class GemmaConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        positive = (
-            "vocabulary_size",
-            "num_layers",
-            "num_query_heads",
-            "num_key_value_heads",
-            "hidden_dim",
-            "intermediate_dim",
-            "head_dim",
-        )
-        for name in positive:
+        for name in [field.name for field in dataclasses.fields(self) if field.type is int]:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
@@ -108,10 +100,4 @@ class GemmaConfig:
         return shapes
 
     def num_parameters(self):
-        total = 0
-        for shape in self.weight_shapes().values():
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += count
-        return total
+        return sum(math.prod(shape) for shape in self.weight_shapes().values())
