@@ -4,6 +4,8 @@ import keras
 import numpy as np
 
 from keras_gemma import checkpoints
+from keras_gemma.chat import conversation_turns
+from keras_gemma.chat import turn_segments
 from keras_gemma.presets import PRESETS
 from keras_gemma.tokenizer import GemmaTokenizer
 
@@ -59,7 +61,13 @@ class GemmaCausalLMPreprocessor:
 
     Given `{"prompts": [...], "responses": [...]}` instead, prompt and response
     are joined and only response tokens (and the closing `<eos>`) carry loss
-    weight: supervised fine-tuning.
+    weight: supervised fine-tuning. Given `{"messages": [conversation, ...]}`,
+    each conversation (a list of `{"role", "content"}` dicts, see
+    `chat.conversation_turns`) is written in Gemma's turn format and only the
+    model turns, each with its `<end_of_turn>`, carry loss weight.
+
+    With `packing=True`, short examples share rows: inputs gain `segment_ids`,
+    attention stays within an example and positions restart at each one.
 
     Everything runs in NumPy, so it needs no TensorFlow and serves every
     backend; `GemmaCausalLM.fit` also maps it over `tf.data` pipelines.
@@ -68,7 +76,9 @@ class GemmaCausalLMPreprocessor:
         tokenizer: a `GemmaTokenizer`.
         sequence_length: length of the packed model inputs.
         add_start_token: prepend `<bos>`.
-        add_end_token: append `<eos>` (training only; never for prompts).
+        add_end_token: append `<eos>` (training only; never for prompts;
+            conversations end at `<end_of_turn>`).
+        packing: pack several examples into each row.
 
     Example:
     >>> from keras_gemma.tokenizer import GemmaTokenizer, train_sentencepiece
@@ -81,7 +91,14 @@ class GemmaCausalLMPreprocessor:
 
     tokenizer_cls = GemmaTokenizer  # what `from_preset` builds, as in keras-hub
 
-    def __init__(self, tokenizer, sequence_length=1024, add_start_token=True, add_end_token=True):
+    def __init__(
+        self,
+        tokenizer,
+        sequence_length=1024,
+        add_start_token=True,
+        add_end_token=True,
+        packing=False,
+    ):
         if not isinstance(sequence_length, int) or sequence_length < 1:
             raise ValueError(
                 f"`sequence_length` must be a positive integer. Received: {sequence_length!r}"
@@ -90,8 +107,9 @@ class GemmaCausalLMPreprocessor:
         self.sequence_length = sequence_length
         self.add_start_token = add_start_token
         self.add_end_token = add_end_token
+        self.packing = packing
 
-    def _pack(self, rows, length):
+    def _pad(self, rows, length):
         """Right-pads `rows` of ids to `length`; returns ids and mask arrays."""
         token_ids = np.full((len(rows), length), self.tokenizer.pad_token_id, "int32")
         padding_mask = np.zeros((len(rows), length), "int32")
@@ -107,19 +125,27 @@ class GemmaCausalLMPreprocessor:
     def _end(self):
         return [self.tokenizer.end_token_id] if self.add_end_token else []
 
-    def __call__(self, x, y=None, sample_weight=None, sequence_length=None):
-        if y is not None or sample_weight is not None:
-            raise ValueError(
-                "GemmaCausalLMPreprocessor makes its own labels and sample "
-                "weights from the text; pass only `x` (strings, or a dict "
-                "with 'prompts' and 'responses')."
-            )
-        length = (sequence_length or self.sequence_length) + 1
+    def tokenize_examples(self, x):
+        """Raw training examples to unpadded `(ids, weights)` pairs.
+
+        `weights[j]` is the loss weight of predicting token `j`: 1 on text,
+        responses and model turns (with their `<eos>` / `<end_of_turn>`), 0 on
+        prompts, user turns and the turn markers around them.
+
+        >>> from keras_gemma.tokenizer import GemmaTokenizer, train_sentencepiece
+        >>> tokenizer = GemmaTokenizer(train_sentencepiece(["the quick fox"] * 50, 280))
+        >>> preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=8)
+        >>> [w for _, w in preprocessor.tokenize_examples(
+        ...     {"prompts": ["the"], "responses": ["fox"]})]
+        [[0.0, 0.0, 0.0, 1.0, 1.0]]
+        """
+        if isinstance(x, dict) and "messages" in x:
+            return self._tokenize_conversations(x)
         if isinstance(x, dict):
             missing = {"prompts", "responses"} - set(x)
             if missing:
                 raise ValueError(
-                    "A dict input must have 'prompts' and 'responses' keys; "
+                    "A dict input must have 'prompts' and 'responses' keys (or 'messages'); "
                     f"missing {sorted(missing)}. Received keys: {sorted(x)}"
                 )
             prompts, _ = as_string_list(x["prompts"], "`prompts`")
@@ -129,28 +155,108 @@ class GemmaCausalLMPreprocessor:
                     "`prompts` and `responses` must have the same length. "
                     f"Received {len(prompts)} prompts and {len(responses)} responses."
                 )
-            rows, weights = [], []
+            examples = []
             for prompt, response in zip(
                 self.tokenizer.tokenize(prompts), self.tokenizer.tokenize(responses)
             ):
-                prompt = self._start() + prompt
-                response = response + self._end()
-                rows.append(prompt + response)
-                weights.append([0.0] * len(prompt) + [1.0] * len(response))
-            # Labels are shifted by one, so a token's weight moves with it.
-            weights = [w[1:] for w in weights]
-        else:
-            texts, _ = as_string_list(x, "`x`")
-            rows = [self._start() + ids + self._end() for ids in self.tokenizer.tokenize(texts)]
-            weights = None
-        token_ids, padding_mask = self._pack(rows, length)
-        sample_weight = padding_mask[:, 1:].astype("float32")
-        if weights is not None:
-            for i, row_weights in enumerate(weights):
-                row_weights = row_weights[: length - 1]
-                sample_weight[i, : len(row_weights)] = row_weights
+                prompt, response = self._start() + prompt, response + self._end()
+                examples.append((prompt + response, [0.0] * len(prompt) + [1.0] * len(response)))
+            return examples
+        texts, _ = as_string_list(x, "`x`")
+        rows = [self._start() + ids + self._end() for ids in self.tokenizer.tokenize(texts)]
+        return [(row, [1.0] * len(row)) for row in rows]
+
+    def _tokenize_conversations(self, x):
+        conversations = x["messages"]
+        if isinstance(conversations, np.ndarray):
+            conversations = conversations.tolist()
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError(
+                "'messages' must be a non-empty list of conversations, each a list of "
+                "{'role', 'content'} dicts."
+            )
+        segments = []  # per conversation, `(text, is_reply)` pieces
+        for i, messages in enumerate(conversations):
+            turns = conversation_turns(messages)
+            if turns[-1][0] != "model":
+                raise ValueError(
+                    f"Conversation {i} ends on a user turn, so it has nothing to learn "
+                    "after it: end each training conversation with a model turn."
+                )
+            segments.append(turn_segments(turns)[:-1])  # no newline after the last reply
+        flat = self.tokenizer.tokenize([text for pieces in segments for text, _ in pieces])
+        examples, k = [], 0
+        for pieces in segments:
+            ids, weights = list(self._start()), [0.0] * len(self._start())
+            for _, is_reply in pieces:
+                ids += flat[k]
+                weights += [float(is_reply)] * len(flat[k])
+                k += 1
+            examples.append((ids, weights))
+        return examples
+
+    def pack(self, examples, sequence_length=None):
+        """Packs `(ids, weights)` examples into shared rows (first fit, longest first).
+
+        Returns `(inputs, labels, sample_weight)` like `__call__`; `inputs`
+        also has `segment_ids` (1, 2, ... per example in a row, 0 on padding),
+        which keep attention within an example and restart its positions.
+        Examples longer than a row are truncated.
+        """
+        length = sequence_length or self.sequence_length
+        # An example of n tokens fills n - 1 positions: inputs and labels
+        # are shifted within it, so no label crosses into the next example.
+        pieces = [(ids[: length + 1], w[: length + 1]) for ids, w in examples if len(ids) > 1]
+        pieces.sort(key=lambda piece: -len(piece[0]))
+        rows, free = [], []
+        for piece in pieces:
+            size = len(piece[0]) - 1
+            row = next((r for r in range(len(rows)) if free[r] >= size), None)
+            if row is None:
+                rows.append([])
+                free.append(length)
+                row = len(rows) - 1
+            rows[row].append(piece)
+            free[row] -= size
+        shape = (len(rows), length)
+        token_ids = np.full(shape, self.tokenizer.pad_token_id, "int32")
+        labels = np.full(shape, self.tokenizer.pad_token_id, "int32")
+        sample_weight = np.zeros(shape, "float32")
+        segment_ids = np.zeros(shape, "int32")
+        for r, row in enumerate(rows):
+            at = 0
+            for segment, (ids, weights) in enumerate(row, start=1):
+                end = at + len(ids) - 1
+                token_ids[r, at:end], labels[r, at:end] = ids[:-1], ids[1:]
+                sample_weight[r, at:end] = weights[1:]
+                segment_ids[r, at:end] = segment
+                at = end
+        inputs = {
+            "token_ids": token_ids,
+            "padding_mask": (segment_ids > 0).astype("int32"),
+            "segment_ids": segment_ids,
+        }
+        return inputs, labels, sample_weight
+
+    def __call__(self, x, y=None, sample_weight=None, sequence_length=None):
+        if y is not None or sample_weight is not None:
+            raise ValueError(
+                "GemmaCausalLMPreprocessor makes its own labels and sample "
+                "weights from the text; pass only `x` (strings, or a dict "
+                "with 'prompts' and 'responses', or with 'messages')."
+            )
+        examples = self.tokenize_examples(x)
+        if self.packing:
+            return self.pack(examples, sequence_length)
+        length = (sequence_length or self.sequence_length) + 1
+        token_ids, padding_mask = self._pad([ids for ids, _ in examples], length)
+        weights = np.zeros(token_ids.shape, "float32")
+        for i, (_, row_weights) in enumerate(examples):
+            row_weights = row_weights[:length]
+            weights[i, : len(row_weights)] = row_weights
         inputs = {"token_ids": token_ids[:, :-1], "padding_mask": padding_mask[:, :-1]}
-        return inputs, token_ids[:, 1:], sample_weight
+        # Labels are shifted by one, so a token's weight moves with it.
+        return inputs, token_ids[:, 1:], weights[:, 1:]
 
     def generate_preprocess(self, x, sequence_length=None):
         """Prompts to right-padded `token_ids`/`padding_mask`, no `<eos>`.
@@ -172,7 +278,7 @@ class GemmaCausalLMPreprocessor:
                 f"which is {longest} tokens (start token included). Raise "
                 "`max_length` or shorten the prompt."
             )
-        token_ids, padding_mask = self._pack(rows, length)
+        token_ids, padding_mask = self._pad(rows, length)
         return {"token_ids": token_ids, "padding_mask": padding_mask}
 
     def generate_postprocess(self, x, skip_tokens=None, strip_lengths=None):
@@ -216,6 +322,7 @@ class GemmaCausalLMPreprocessor:
             "sequence_length": self.sequence_length,
             "add_start_token": self.add_start_token,
             "add_end_token": self.add_end_token,
+            "packing": self.packing,
         }
 
     @classmethod
