@@ -126,21 +126,15 @@ class GemmaTokenizer:
                 "`tokenize()` accepts a numpy array of strings only when it "
                 f"is 1-D; received an array of shape {inputs.shape}."
             )
-        if not isinstance(inputs, (list, tuple, np.ndarray)):
+        batch = isinstance(inputs, (list, tuple, np.ndarray))
+        wrong = [x for x in (inputs if batch else [inputs]) if not isinstance(x, (str, bytes))]
+        if wrong:
             raise TypeError(
-                f"`tokenize()` expects {_ACCEPTED_TEXT}; received an object "
-                f"of type {type(inputs).__name__}."
+                f"`tokenize()` expects {_ACCEPTED_TEXT}; received "
+                f"{'a batch containing ' if batch else ''}an object of type "
+                f"{type(wrong[0]).__name__}."
             )
-        for item in inputs:
-            if not isinstance(item, (str, bytes)):
-                raise TypeError(
-                    f"`tokenize()` expects {_ACCEPTED_TEXT}; received a batch "
-                    f"containing an element of type {type(item).__name__}."
-                )
-        if len(inputs) == 0:
-            return []
-        texts = [_as_text(item) for item in inputs]
-        return self._processor.encode(texts, out_type=int)
+        return self._processor.encode([_as_text(item) for item in inputs], out_type=int)
 
     def __call__(self, inputs):
         return self.tokenize(inputs)
@@ -162,25 +156,23 @@ class GemmaTokenizer:
         if isinstance(ids, (list, tuple)):
             is_row = [_is_sequence(item) for item in ids]
             if ids and all(is_row):
-                return [self._decode(_ids_to_list(row)) for row in ids]
+                return [self._decode(row) for row in ids]
             if any(is_row):
                 raise ValueError(
                     "`detokenize()` received a list that mixes token ids and "
                     "sequences of token ids; pass a flat list of ids or a "
                     "list of rows."
                 )
-            return self._decode(_ids_to_list(ids))
-
         array = _to_numpy(ids)
         if array.ndim == 2:
-            return [self._decode(_ids_to_list(row)) for row in array]
+            return [self._decode(row) for row in array]
         if array.ndim > 2:
             raise ValueError(
                 "`detokenize()` expects a 1-D or 2-D array of token ids; "
                 f"received shape {array.shape}."
             )
         # A 0-D array is a single token id.
-        return self._decode(_ids_to_list(array.reshape(-1)))
+        return self._decode(array.reshape(-1))
 
     presets = PRESETS  # read-only {name: metadata} of the Gemma 1 presets
 
@@ -205,9 +197,15 @@ class GemmaTokenizer:
     def __repr__(self):
         return f"GemmaTokenizer(vocabulary_size={self._vocabulary_size})"
 
-    def _decode(self, ids):
+    def _decode(self, row):
+        ids = _to_numpy(row)
+        if ids.ndim != 1:
+            raise ValueError(f"Each row of token ids must be 1-D; received shape {ids.shape}.")
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"Token ids must be integers; received an array of dtype {ids.dtype}.")
+        ids = ids.tolist()
         self._check_ids(ids)
-        return self._processor.decode([int(token_id) for token_id in ids])
+        return self._processor.decode(ids)
 
     def _check_ids(self, ids):
         for token_id in ids:
@@ -268,12 +266,12 @@ def train_sentencepiece(texts, vocabulary_size=512):
     290
     """
     texts = list(texts)
-    for text in texts:
-        if not isinstance(text, str):
-            raise TypeError(
-                "`train_sentencepiece()` expects an iterable of str; found an "
-                f"element of type {type(text).__name__}."
-            )
+    wrong = [text for text in texts if not isinstance(text, str)]
+    if wrong:
+        raise TypeError(
+            "`train_sentencepiece()` expects an iterable of str; found an "
+            f"element of type {type(wrong[0]).__name__}."
+        )
     if not any(texts):
         raise ValueError("`train_sentencepiece()` needs non-empty texts.")
 
@@ -361,9 +359,7 @@ def _is_sequence(value):
 
 
 def _to_numpy(value):
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, numbers.Integral):
+    if isinstance(value, (np.ndarray, numbers.Integral, list, tuple)):
         return np.asarray(value)
     try:
         return np.asarray(keras.ops.convert_to_numpy(value))
@@ -372,26 +368,3 @@ def _to_numpy(value):
             "`detokenize()` expects token ids as a list, numpy array or "
             f"tensor; received an object of type {type(value).__name__}."
         ) from None
-
-
-def _ids_to_list(ids):
-    """Converts one row of ids to a list; `_check_ids` validates the items."""
-    if isinstance(ids, (list, tuple)):
-        # 0-D arrays and tensors are unwrapped so that `_check_ids` sees
-        # their Python value.
-        return [
-            _to_numpy(token_id).item() if _is_scalar_array(token_id) else token_id
-            for token_id in ids
-        ]
-    array = _to_numpy(ids)
-    if array.ndim != 1:
-        raise ValueError(f"Each row of token ids must be 1-D; received shape {array.shape}.")
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"Token ids must be integers; received an array of dtype {array.dtype}.")
-    return array.tolist()
-
-
-def _is_scalar_array(value):
-    return (
-        not isinstance(value, numbers.Number) and hasattr(value, "shape") and len(value.shape) == 0
-    )
