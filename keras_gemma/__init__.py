@@ -8,6 +8,7 @@ from keras_gemma.causal_lm import token_log_probabilities
 from keras_gemma.chat import ChatSession
 from keras_gemma.chat import format_turns
 from keras_gemma.config import GemmaConfig
+from keras_gemma.datasets import load_dataset
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.samplers import BeamSampler
 from keras_gemma.samplers import GreedySampler
@@ -33,6 +34,7 @@ __all__ = [
     "TopPSampler",
     "format_turns",
     "layers",
+    "load_dataset",
     "samplers",
     "token_log_probabilities",
 ]

@@ -5,6 +5,9 @@ import math
 import keras
 import numpy as np
 
+from keras_gemma.datasets import RawBatches
+from keras_gemma.datasets import TextDataset
+
 _DEFAULT_BATCH_SIZE = 32
 
 
@@ -105,7 +108,11 @@ def adapt_fit_inputs(preprocessor, x, y, sample_weight, batch_size, shuffle):
     """
     if isinstance(x, tuple) and len(x) in (1, 2, 3) and y is None and _is_raw_text(x[0]):
         x = x[0]  # validation_data=(texts,) style
-    raw = _is_raw_text(x)
+    if isinstance(x, TextDataset):
+        # `load_dataset` data reads its own batches from disk: raw `RawBatches`
+        # for files and Hugging Face, a `tf.data` pipeline of strings for TFDS.
+        x = x.batches(batch_size or _DEFAULT_BATCH_SIZE, shuffle=bool(shuffle))
+    raw = _is_raw_text(x) or isinstance(x, RawBatches)
     tf_data = _is_tf_dataset(x)
     if not raw and not (tf_data and _tf_dataset_is_text(x)):
         return x, y, sample_weight, batch_size
@@ -122,6 +129,8 @@ def adapt_fit_inputs(preprocessor, x, y, sample_weight, batch_size, shuffle):
         )
     if tf_data:
         return _map_tf_dataset(x, preprocessor, batch_size), None, None, None
+    if isinstance(x, RawBatches):
+        return x.map(preprocessor), None, None, None
     batches = PreprocessedBatches(
         x, preprocessor, batch_size or _DEFAULT_BATCH_SIZE, shuffle=bool(shuffle)
     )
