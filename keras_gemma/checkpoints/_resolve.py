@@ -1,5 +1,6 @@
 """Turns a preset argument (name, `kaggle://`, `hf://`, directory) into a local directory."""
 
+import importlib
 import os
 import pathlib
 
@@ -18,49 +19,40 @@ class PresetDownloadError(ConnectionError):
     """A remote preset could not be fetched (no network, gated, unknown)."""
 
 
-def _local_copy_hint(handle):
-    return (
-        f"To use a local copy instead, download {handle!r} on a machine with network "
+# Prefix -> (site, package, how to get access).
+_SOURCES = {
+    KAGGLE_PREFIX: ("Kaggle", "kagglehub", "kaggle.com and set KAGGLE_USERNAME/KAGGLE_KEY"),
+    HF_PREFIX: (
+        "Hugging Face",
+        "huggingface_hub",
+        "huggingface.co and log in (`huggingface-cli login` or HF_TOKEN)",
+    ),
+}
+
+
+def _download(prefix, handle):
+    site, package, access = _SOURCES[prefix]
+    hint = (
+        f"To use a local copy instead, download {prefix + handle!r} on a machine with network "
         "access (e.g. `kagglehub.model_download(...)` or `huggingface-cli download ...`) "
         "and pass its directory: `from_preset('/path/to/dir')`."
     )
-
-
-def _download_kaggle(handle):
     try:
-        import kagglehub
+        module = importlib.import_module(package)
     except ImportError:
         raise PresetDownloadError(
-            f"Loading {KAGGLE_PREFIX}{handle} needs the `kagglehub` package, which is not "
-            f"installed (`pip install kagglehub`). {_local_copy_hint(KAGGLE_PREFIX + handle)}"
+            f"Loading {prefix}{handle} needs the `{package}` package, which is not "
+            f"installed (`pip install {package}`). {hint}"
         ) from None
     try:
-        return kagglehub.model_download(handle)
+        if prefix == KAGGLE_PREFIX:
+            return module.model_download(handle)
+        return module.snapshot_download(handle, allow_patterns=_HF_PATTERNS)
     except Exception as error:
         raise PresetDownloadError(
-            f"Could not download {KAGGLE_PREFIX}{handle} from Kaggle "
-            f"({type(error).__name__}: {error}). Gemma is gated: accept its license on "
-            "kaggle.com and set KAGGLE_USERNAME/KAGGLE_KEY, and check the network. "
-            f"{_local_copy_hint(KAGGLE_PREFIX + handle)}"
-        ) from error
-
-
-def _download_huggingface(repo):
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise PresetDownloadError(
-            f"Loading {HF_PREFIX}{repo} needs the `huggingface_hub` package, which is not "
-            f"installed (`pip install huggingface_hub`). {_local_copy_hint(HF_PREFIX + repo)}"
-        ) from None
-    try:
-        return huggingface_hub.snapshot_download(repo, allow_patterns=_HF_PATTERNS)
-    except Exception as error:
-        raise PresetDownloadError(
-            f"Could not download {HF_PREFIX}{repo} from Hugging Face "
-            f"({type(error).__name__}: {error}). Gemma is gated: accept its license on "
-            "huggingface.co and log in (`huggingface-cli login` or HF_TOKEN), and check the "
-            f"network. {_local_copy_hint(HF_PREFIX + repo)}"
+            f"Could not download {prefix}{handle} from {site} ({type(error).__name__}: "
+            f"{error}). Gemma is gated: accept its license on {access}, and check the "
+            f"network. {hint}"
         ) from error
 
 
@@ -79,21 +71,18 @@ def resolve_preset(preset):
             "`preset` must be a preset name, 'kaggle://...', 'hf://...' or a directory path. "
             f"Received: {preset!r}"
         )
-    if preset.startswith(KAGGLE_PREFIX):
-        directory = _download_kaggle(preset[len(KAGGLE_PREFIX) :])
-    elif preset.startswith(HF_PREFIX):
-        directory = _download_huggingface(preset[len(HF_PREFIX) :])
-    elif preset in PRESETS:
-        directory = _download_kaggle(PRESETS[preset]["kaggle_handle"][len(KAGGLE_PREFIX) :])
-    else:
-        path = pathlib.Path(preset).expanduser()
-        if path.is_dir():
-            return path
-        if path.exists():
-            raise NotADirectoryError(
-                f"Preset {preset!r} is a file; pass the directory that holds the preset."
-            )
-        if os.sep in preset or "/" in preset or preset.startswith("."):
-            raise FileNotFoundError(f"Preset directory {preset!r} does not exist.")
-        get_preset(preset)  # raises, listing close matches
-    return pathlib.Path(directory)
+    if preset in PRESETS:
+        preset = PRESETS[preset]["kaggle_handle"]
+    for prefix in _SOURCES:
+        if preset.startswith(prefix):
+            return pathlib.Path(_download(prefix, preset[len(prefix) :]))
+    path = pathlib.Path(preset).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(
+            f"Preset {preset!r} is a file; pass the directory that holds the preset."
+        )
+    if os.sep in preset or "/" in preset or preset.startswith("."):
+        raise FileNotFoundError(f"Preset directory {preset!r} does not exist.")
+    get_preset(preset)  # raises, listing close matches
