@@ -73,14 +73,6 @@ def _target_layers(backbone, targets):
     }
 
 
-def _base_kernel(layer):
-    """The stored kernel variable of an `EinsumDense` (float or int8)."""
-    for variable in layer.weights:
-        if variable.name == "kernel":
-            return variable
-    raise ValueError(f"Layer {layer.name!r} has no kernel variable.")
-
-
 def _validate_targets(target_layer_names):
     if target_layer_names is None:
         return DEFAULT_TARGETS
@@ -172,14 +164,20 @@ def _require_lora(backbone):
     return state
 
 
+def _adapters(backbone, targets):
+    """`{"<layer path>/lora_kernel_a" or "/lora_kernel_b": variable}`."""
+    return {
+        f"{path}/{name}": getattr(layer, name)
+        for path, layer in _target_layers(backbone, targets).items()
+        for name in ("lora_kernel_a", "lora_kernel_b")
+    }
+
+
 def lora_weights(backbone):
     """`{"<layer path>/lora_kernel_a" or "/lora_kernel_b": numpy array}`."""
     _, _, targets = _require_lora(backbone)
-    weights = {}
-    for path, layer in _target_layers(backbone, targets).items():
-        weights[f"{path}/lora_kernel_a"] = np.asarray(ops.convert_to_numpy(layer.lora_kernel_a))
-        weights[f"{path}/lora_kernel_b"] = np.asarray(ops.convert_to_numpy(layer.lora_kernel_b))
-    return weights
+    adapters = _adapters(backbone, targets)
+    return {name: np.asarray(ops.convert_to_numpy(v)) for name, v in adapters.items()}
 
 
 def save_lora_weights(backbone, path):
@@ -270,32 +268,22 @@ def load_lora_weights(backbone, path):
             f"'{path}' holds adapters for {num_layers} decoder blocks, but this "
             f"backbone has {backbone.num_layers}. Load it onto the model it was trained on."
         )
-    state = lora_state(backbone)
+    state, file_state = lora_state(backbone), (rank, alpha, targets)
     if state is None:
         enable_lora(backbone, rank, targets, lora_alpha=alpha)
-    else:
-        model_rank, model_alpha, model_targets = state
-        mismatches = [
-            f"{name}: file {theirs!r}, model {ours!r}"
-            for name, theirs, ours in (
-                ("rank", rank, model_rank),
-                ("lora_alpha", alpha, model_alpha),
-                ("targets", list(targets), list(model_targets)),
-            )
-            if theirs != ours
-        ]
-        if mismatches:
-            raise ValueError(
-                f"The LoRA adapters in '{path}' do not match those enabled on this "
-                f"backbone ({'; '.join(mismatches)}). Load the file onto a backbone "
-                "without LoRA (it enables matching adapters itself) or call "
-                "`enable_lora` with the file's settings."
-            )
-    layers = _target_layers(backbone, targets)
-    expected = {}
-    for path_, layer in layers.items():
-        expected[f"{path_}/lora_kernel_a"] = layer.lora_kernel_a
-        expected[f"{path_}/lora_kernel_b"] = layer.lora_kernel_b
+    mismatches = [
+        f"{name}: file {theirs!r}, model {ours!r}"
+        for name, theirs, ours in zip(("rank", "lora_alpha", "targets"), file_state, state or ())
+        if theirs != ours
+    ]
+    if mismatches:
+        raise ValueError(
+            f"The LoRA adapters in '{path}' do not match those enabled on this "
+            f"backbone ({'; '.join(mismatches)}). Load the file onto a backbone "
+            "without LoRA (it enables matching adapters itself) or call "
+            "`enable_lora` with the file's settings."
+        )
+    expected = _adapters(backbone, targets)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -325,7 +313,7 @@ def merge_lora(backbone):
     """
     _, _, targets = _require_lora(backbone)
     for layer in _target_layers(backbone, targets).values():
-        kernel = _base_kernel(layer)
+        kernel = internals.stored_kernel(layer)  # float or int8
         if layer.quantization_mode is None:
             scale = layer.lora_alpha / layer.lora_rank
             delta = ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)  # kernel shape
@@ -356,15 +344,6 @@ def merge_lora(backbone):
         layer.trainable = True
 
 
-# Hugging Face PEFT export.
-
-
-def _peft_factors(a, b):
-    """PEFT `(lora_A [R, in], lora_B [out, R])` with `B @ A` equal to our
-    update `a @ b` (`[out..., in]`, output axes merged as Hugging Face's)."""
-    return np.ascontiguousarray(b), np.ascontiguousarray(np.reshape(a, (-1, a.shape[-1])))
-
-
 def export_lora_to_peft(backbone, directory, base_model_name_or_path=None):
     """Writes the adapters as a Hugging Face PEFT LoRA adapter.
 
@@ -382,11 +361,12 @@ def export_lora_to_peft(backbone, directory, base_model_name_or_path=None):
         for target in targets:
             path = _layer_path(i, target)
             hf_module = hf_names[f"{path}/kernel"][0].removesuffix(".weight")
-            lora_a, lora_b = _peft_factors(
-                weights[f"{path}/lora_kernel_a"], weights[f"{path}/lora_kernel_b"]
+            # PEFT's `lora_B @ lora_A` is our `a @ b` with the output axes merged.
+            a, b = weights[f"{path}/lora_kernel_a"], weights[f"{path}/lora_kernel_b"]
+            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = b
+            tensors[f"base_model.model.{hf_module}.lora_B.weight"] = np.reshape(
+                a, (-1, a.shape[-1])
             )
-            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = lora_a
-            tensors[f"base_model.model.{hf_module}.lora_B.weight"] = lora_b
             modules.add(hf_module.rsplit(".", 1)[-1])
     adapter_config = {
         "peft_type": "LORA",
