@@ -29,6 +29,7 @@ Example:
 True
 """
 
+import functools
 import pathlib
 
 from keras_gemma.checkpoints import _hf_layout
@@ -120,9 +121,7 @@ def _backbone_from(cls, directory, config, load_weights, dtype, **kwargs):
         if quantization_mode:
             arguments["quantization_mode"] = quantization_mode
 
-    def build():
-        return cls(**arguments)
-
+    build = functools.partial(cls, **arguments)
     if not load_weights:
         return build()
     if module is _keras_layout:
@@ -148,10 +147,7 @@ def load_backbone(cls, preset, load_weights=True, dtype=None, **kwargs):
 
 def _tokenizer_from(cls, directory, vocabulary_size=None):
     directory = pathlib.Path(directory)
-    if detect_layout(directory) == "keras":
-        path = directory / _keras_layout.VOCABULARY_FILE
-    else:
-        path = directory / _hf_layout.VOCABULARY_FILE
+    path = directory / _layout_module(directory).VOCABULARY_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"Missing tokenizer file {str(path.relative_to(directory))!r} in {directory}."

@@ -11,12 +11,12 @@ Only safetensors are read: pickled `pytorch_model.bin` files are refused.
 import pathlib
 
 import keras
-import ml_dtypes
 import numpy as np
 
 from keras_gemma.checkpoints._io import CheckpointError
 from keras_gemma.checkpoints._io import SafetensorsFile
 from keras_gemma.checkpoints._io import check_shape
+from keras_gemma.checkpoints._io import numpy_dtype
 from keras_gemma.checkpoints._io import read_json
 from keras_gemma.checkpoints._io import write_json
 from keras_gemma.checkpoints._io import write_safetensors
@@ -75,9 +75,7 @@ def _open_weights(directory):
         return {name: file for name in file.tensors}
     if (directory / WEIGHTS_INDEX_FILE).is_file():
         weight_map = read_json(directory / WEIGHTS_INDEX_FILE).get("weight_map", {})
-        shards = {}
-        for shard in sorted(set(weight_map.values())):
-            shards[shard] = SafetensorsFile(directory / shard)
+        shards = {shard: SafetensorsFile(directory / shard) for shard in set(weight_map.values())}
         files = {}
         for name, shard in weight_map.items():
             if name not in shards[shard].tensors:
@@ -86,18 +84,15 @@ def _open_weights(directory):
                 )
             files[name] = shards[shard]
         return files
-    pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(
-        p.name for p in directory.glob("*.pt*")
-    )
+    pickled = sorted(p.name for pattern in ("*.bin", "*.pt*") for p in directory.glob(pattern))
     hint = (
-        f" It has {pickled}, which are pickles; keras_gemma never unpickles. Convert them to "
-        "safetensors first."
+        f" It has {pickled}, which are pickles; keras_gemma never unpickles them."
         if pickled
         else ""
     )
     raise FileNotFoundError(
         f"Missing weights in {directory}: expected {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}.{hint} "
-        "Pass load_weights=False to build without them."
+        "Convert other formats to safetensors, or pass load_weights=False to build without them."
     )
 
 
@@ -128,13 +123,9 @@ def write(directory, backbone, tokenizer=None):
     """Writes config.json, model.safetensors and tokenizer.model."""
     directory = pathlib.Path(directory)
     config = backbone.config
-    dtype = np.dtype(
-        ml_dtypes.bfloat16
-        if backbone.dtype_policy.variable_dtype == "bfloat16"
-        else backbone.dtype_policy.variable_dtype
-    )
+    dtype = numpy_dtype(backbone.dtype_policy.variable_dtype)
     hf_config = huggingface_config(config)
-    hf_config["torch_dtype"] = "bfloat16" if dtype == ml_dtypes.bfloat16 else str(dtype)
+    hf_config["torch_dtype"] = backbone.dtype_policy.variable_dtype
     write_json(directory / CONFIG_FILE, hf_config)
     variables = {v.path: v for v in backbone.weights}
     shapes = config.weight_shapes()

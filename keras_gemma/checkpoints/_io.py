@@ -232,17 +232,13 @@ def build_with_weights(build, loaders):
     NumPy array (one tensor is read at a time). Variables are created
     uninitialized inside a `StatelessScope` and each is then initialized
     straight from its loader, so no random initial values are allocated
-    and peak memory is the model plus one tensor. Keras versions without
-    deferred initialization fall back to building normally and assigning.
+    and peak memory is the model plus one tensor. Where Keras cannot
+    initialize them one at a time, each is assigned instead.
     """
-    try:
-        with keras.StatelessScope(initialize_variables=False):
-            model = build()
-        variables = model.weights
-        deferred = internals.supports_deferred_initialization(variables)
-    except TypeError:  # Keras without `initialize_variables`
-        model, deferred = build(), False
-        variables = model.weights
+    with keras.StatelessScope(initialize_variables=False):
+        model = build()
+    variables = model.weights
+    deferred = internals.supports_deferred_initialization(variables)
     paths = {v.path for v in variables}
     if paths != set(loaders):
         missing, extra = sorted(paths - set(loaders)), sorted(set(loaders) - paths)
@@ -277,8 +273,10 @@ def _with_progress(variables):
         bar.update(i + 1)
 
 
+def numpy_dtype(name):
+    """The NumPy dtype of a Keras dtype name (bfloat16 from `ml_dtypes`)."""
+    return np.dtype(ml_dtypes.bfloat16 if str(name) == "bfloat16" else name)
+
+
 def _cast(array, dtype):
-    dtype = np.dtype(ml_dtypes.bfloat16 if str(dtype) == "bfloat16" else dtype)
-    if array.dtype != dtype:
-        array = array.astype(dtype)
-    return array
+    return array.astype(numpy_dtype(dtype), copy=False)

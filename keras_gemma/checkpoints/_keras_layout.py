@@ -153,7 +153,6 @@ class _H5Weights:
     def __init__(self, directory):
         import h5py
 
-        self._h5py = h5py
         directory = pathlib.Path(directory)
         if (directory / WEIGHTS_FILE).is_file():
             names = [WEIGHTS_FILE]
@@ -268,6 +267,11 @@ def backbone_json(config, dtype, quantization_mode=None):
     )
 
 
+def _backbone_json(backbone):
+    mode = backbone.get_config().get("quantization_mode")
+    return backbone_json(backbone.config, backbone.dtype_policy.name, mode)
+
+
 def tokenizer_json():
     return _serialized(
         "gemma_tokenizer",
@@ -302,32 +306,23 @@ def preprocessor_json(preprocessor):
     )
 
 
-def quantization_modes(backbone):
-    """The quantization modes of the layers `quantize()` converts: every
-    `EinsumDense` (the projections) and `Embedding` (the token embedding)."""
-    quantizable = (keras.layers.EinsumDense, keras.layers.Embedding)
-    return {
-        layer.quantization_mode
-        for layer in internals.flatten_layers(backbone)
-        if isinstance(layer, quantizable)
-    }
-
-
 def write_backbone(directory, backbone):
     """Writes config.json, metadata.json and model.weights.h5 for `backbone`."""
     import h5py
 
     directory = pathlib.Path(directory)
-    dtype = backbone.dtype_policy.name
     quantization_mode = backbone.get_config().get("quantization_mode")
-    modes = quantization_modes(backbone)
+    # The layers `quantize()` converts: the projections and the token embedding.
+    quantizable = (keras.layers.EinsumDense, keras.layers.Embedding)
+    layers = internals.flatten_layers(backbone)
+    modes = {layer.quantization_mode for layer in layers if isinstance(layer, quantizable)}
     if modes != {quantization_mode}:
         raise ValueError(
             "save_to_preset needs the embedding and every projection quantized the same "
             f"way; this model mixes {sorted(map(str, modes))}. Quantize them all (the "
             "default filters), or save with `model.save(path.keras)`."
         )
-    write_json(directory / CONFIG_FILE, backbone_json(backbone.config, dtype, quantization_mode))
+    write_json(directory / CONFIG_FILE, _backbone_json(backbone))
     variables = {v.path: v for v in backbone.weights}
     with h5py.File(directory / WEIGHTS_FILE, "w") as file:
         file.create_group("vars").attrs["name"] = "gemma_backbone"
@@ -383,11 +378,7 @@ def write_preprocessor(directory, preprocessor):
 
 def write_task(directory, backbone, preprocessor):
     config = {
-        "backbone": backbone_json(
-            backbone.config,
-            backbone.dtype_policy.name,
-            backbone.get_config().get("quantization_mode"),
-        ),
+        "backbone": _backbone_json(backbone),
         "preprocessor": preprocessor_json(preprocessor) if preprocessor is not None else None,
         "name": "gemma_causal_lm",
     }
