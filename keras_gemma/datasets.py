@@ -32,9 +32,9 @@ _FILE_FORMATS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
-_CHUNK_BYTES = 1 << 20
-# A JSON object is at least "{}", so a line shorter than that is blank.
-_MIN_JSON_LINE = 2
+# Files are scanned in chunks this size (a few times it in NumPy temporaries).
+_CHUNK_BYTES = 1 << 18
+_WHITESPACE = np.isin(np.arange(256), [ord(c) for c in " \t\r\n"])
 _EXTRA_HINT = 'pip install "keras-gemma[data]"'
 
 
@@ -185,25 +185,32 @@ class _JsonlFile:
 
     def __init__(self, path):
         self.path = path
-        self.offsets = self._starts(path, os.path.getsize(path))
+        self.offsets = self._starts(path)
 
     @staticmethod
-    def _starts(path, size):
-        """Offsets of lines holding at least `_MIN_JSON_LINE` bytes of text."""
+    def _starts(path):
+        """Byte offsets of the lines holding more than whitespace."""
         kept = []
-        line_start = 0
+        line_start = 0  # where the line being scanned began
+        text_before = 0  # non-whitespace bytes before the current chunk
+        text_at_line_start = 0  # ... and before `line_start`
         with open(path, "rb") as f:
             position = 0
             while chunk := f.read(_CHUNK_BYTES):
-                newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n"))
-                ends = newlines + position  # [lines ending in this chunk]
-                begins = np.concatenate([[line_start], ends[:-1] + 1]).astype(np.int64)
-                lengths = ends - begins
-                kept.append(begins[lengths >= _MIN_JSON_LINE] if len(ends) else begins[:0])
-                if len(ends):
-                    line_start = int(ends[-1]) + 1
+                chunk = np.frombuffer(chunk, np.uint8)
+                newlines = np.flatnonzero(chunk == ord("\n"))
+                # Non-whitespace bytes up to each newline tell blank lines apart.
+                text = text_before + np.cumsum(~_WHITESPACE[chunk], dtype=np.int64)
+                text_at_newlines = text[newlines]
+                begins = np.concatenate([[line_start], newlines[:-1] + 1 + position])
+                counts = np.diff(text_at_newlines, prepend=text_at_line_start)
+                kept.append(begins[counts > 0].astype(np.int64))
+                if len(newlines):
+                    line_start = int(newlines[-1]) + 1 + position
+                    text_at_line_start = int(text_at_newlines[-1])
+                text_before = int(text[-1])
                 position += len(chunk)
-        if size - line_start >= _MIN_JSON_LINE:  # a last line without "\n"
+        if text_before > text_at_line_start:  # a last line without "\n"
             kept.append(np.array([line_start], np.int64))
         return np.concatenate(kept) if kept else np.zeros(0, np.int64)
 
@@ -769,7 +776,8 @@ def _check_source(source, form, name):
 
 
 def _from_huggingface(loaded, name, split, form, seed):
-    if hasattr(loaded, "keys") and not hasattr(loaded, "column_names"):  # a DatasetDict
+    datasets = _optional_import("datasets", "datasets")
+    if isinstance(loaded, dict):  # a DatasetDict: split name -> Dataset
         splits = list(loaded.keys())
         if split is None and len(splits) == 1:
             split = splits[0]
@@ -778,7 +786,7 @@ def _from_huggingface(loaded, name, split, form, seed):
         loaded, name = loaded[split], f"{name}[{split!r}]"
     elif split is not None:
         raise ValueError(f"{name} is a single split already; drop `split={split!r}`.")
-    if not hasattr(loaded, "column_names") or not hasattr(loaded, "__getitem__"):
+    if not isinstance(loaded, datasets.Dataset):
         raise TypeError(
             f"{name} is a {type(loaded).__name__}; load_dataset reads map-style "
             "`datasets.Dataset`s (memory-mapped, so large ones need not fit in "
@@ -813,10 +821,7 @@ def _load_tfds(name, split, data_dir, form, shuffle_buffer_size, seed):
             f"DIR/{name.split('/')[0]} into {root!r}, and pass data_dir={root!r}."
         ) from None
     except ValueError as error:
-        raise ValueError(
-            f"TFDS {name!r} has no split {split!r} ({error}). Splits: "
-            f"{sorted(builder.info.splits)}."
-        ) from None
+        raise ValueError(f"TFDS {name!r}, split {split!r}: {error}") from None
     what = f"TFDS {name}/{split}"
     if form is None:
         form = _Form.infer(spec, what)
