@@ -1,0 +1,375 @@
+"""What the training recipes share: backend choice, seeding, a deterministic
+batch order, resume after a kill, logs and curves, and distribution.
+
+Not a script. The recipes import it as a sibling module (`python
+training/sft.py` puts `training/` on the path), and it must be imported
+before Keras so that `--backend` can still choose the backend.
+
+Resuming. Keras 3.15's `BackupAndRestore` restores the weights, the optimizer
+and the epoch number, but not the position inside an epoch: a run killed
+mid-epoch restarts that epoch from its first batch. So the recipes use short
+"epochs" of `--steps-per-epoch` steps, back up at every epoch end, and draw
+batch `i` of epoch `e` as a pure function of `(seed, e, i)` (`StepBatches`).
+A rerun after a kill then replays exactly the steps an uninterrupted run
+takes after the last backup, and ends with the same weights.
+"""
+
+import csv
+import math
+import os
+import pathlib
+import shutil
+import sys
+
+BACKENDS = ("jax", "torch", "tensorflow")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def set_backend_from_argv(argv=None):
+    """Sets KERAS_BACKEND from `--backend NAME` before Keras is imported.
+
+    Without the flag the environment's KERAS_BACKEND (or Keras's default)
+    stays. Also puts the repository on `sys.path`, so a plain checkout runs.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--backend" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--backend="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            if value not in BACKENDS:
+                raise SystemExit(f"--backend must be one of {BACKENDS}; received {value!r}")
+            if "keras" in sys.modules and os.environ.get("KERAS_BACKEND") != value:
+                raise SystemExit(
+                    f"--backend {value}: Keras is already imported with another backend."
+                )
+            os.environ["KERAS_BACKEND"] = value
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+
+
+set_backend_from_argv()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def add_common_arguments(parser, steps=1000, batch_size=32, learning_rate=1e-3):
+    """The flags every training recipe takes."""
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="Keras backend (default: $KERAS_BACKEND, else Keras's default)",
+    )
+    parser.add_argument("--output", type=pathlib.Path, required=True, help="run directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps in all")
+    parser.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=50,
+        help="steps between backups (a kill loses at most this many) and log rows",
+    )
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch size")
+    parser.add_argument("--learning-rate", type=float, default=learning_rate)
+    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--sequence-length", type=int, default=64)
+    parser.add_argument(
+        "--model-parallel",
+        type=int,
+        default=1,
+        help="JAX only: split each weight over N devices (keras.distribution.ModelParallel "
+        "with GemmaBackbone.get_layout_map); the remaining devices split the batch",
+    )
+    parser.add_argument("--verbose", type=int, default=1, help="Keras progress bar verbosity")
+    return parser
+
+
+def seed_everything(seed):
+    """Seeds Python, NumPy and the backend, and asks for deterministic kernels."""
+    keras.utils.set_random_seed(seed)
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+# Distribution: ModelParallel on JAX, data parallel under torchrun.
+
+
+class Cluster:
+    """This process's place among the training processes.
+
+    `rank` and `world_size` are those of `torchrun` (data parallel on
+    PyTorch); one process otherwise, including JAX model parallelism, where
+    one process drives every device.
+    """
+
+    def __init__(self, rank=0, world_size=1):
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def is_chief(self):
+        return self.rank == 0
+
+    def callbacks(self):
+        if self.world_size == 1:
+            return []
+        from keras_gemma import torch_distributed
+
+        return [torch_distributed.DataParallel()]
+
+
+def setup_distribution(model_parallel):
+    """Sets up model or data parallelism before any model is built.
+
+    Returns a `Cluster`. `model_parallel > 1` needs JAX and at least that
+    many devices; under `torchrun` (WORLD_SIZE > 1) on PyTorch, each process
+    joins the process group and trains on its share of each batch.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = keras.config.backend()
+    if model_parallel > 1:
+        if backend != "jax":
+            raise SystemExit(
+                "--model-parallel needs --backend jax (keras.distribution); on PyTorch "
+                "use torchrun for data parallelism."
+            )
+        from keras_gemma import GemmaBackbone
+
+        devices = keras.distribution.list_devices()
+        if len(devices) % model_parallel:
+            raise SystemExit(
+                f"--model-parallel {model_parallel} does not divide the {len(devices)} devices."
+            )
+        mesh = keras.distribution.DeviceMesh(
+            (len(devices) // model_parallel, model_parallel), ("batch", "model"), devices
+        )
+        # keras.io's flow: the layout is set before the model is built, so
+        # every weight is created already split.
+        layout_map = GemmaBackbone.get_layout_map(mesh)
+        keras.distribution.set_distribution(
+            keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+        )
+        return Cluster()
+    if world_size > 1:
+        if backend != "torch":
+            raise SystemExit("Under torchrun, use --backend torch.")
+        from keras_gemma import torch_distributed
+
+        rank, world_size = torch_distributed.initialize()
+        return Cluster(rank, world_size)
+    return Cluster()
+
+
+# Data.
+
+
+class StepBatches(keras.utils.PyDataset):
+    """`steps_per_epoch` batches whose content depends only on the step.
+
+    The examples are read as an endless stream of passes, each pass a
+    permutation drawn from `seed + pass`; global step `g` takes stream
+    positions `[g * batch_size, (g + 1) * batch_size)`. `epoch` is set by
+    `EpochSetter` at each epoch start, so after a restore the same steps
+    see the same batches. Under data parallelism each rank keeps its
+    contiguous share of every global batch.
+
+    Args:
+        examples: a list of strings, or a dict of equal-length lists (e.g.
+            `{"prompts", "responses"}`), as the preprocessor takes them.
+        preprocessor: turns a batch of examples into `(x, y, sample_weight)`.
+        batch_size: the global batch size.
+        steps_per_epoch: batches per Keras epoch.
+        seed: the order's seed.
+        rank, world_size: this process's share of each batch.
+    """
+
+    def __init__(
+        self, examples, preprocessor, batch_size, steps_per_epoch, seed=0, rank=0, world_size=1
+    ):
+        super().__init__()
+        if batch_size % world_size:
+            raise ValueError(
+                f"The batch size {batch_size} must divide by the {world_size} processes."
+            )
+        self.examples = examples
+        self.size = len(next(iter(examples.values())) if isinstance(examples, dict) else examples)
+        if self.size == 0:
+            raise ValueError("No training examples.")
+        self.preprocessor = preprocessor
+        self.batch_size = batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self._orders = {}
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def _order(self, data_pass):
+        if data_pass not in self._orders:
+            self._orders = {
+                data_pass: np.random.default_rng(self.seed + data_pass).permutation(self.size)
+            }
+        return self._orders[data_pass]
+
+    def indices(self, step):
+        """The example indices of global step `step`, this rank's share."""
+        share = self.batch_size // self.world_size
+        start = step * self.batch_size + self.rank * share
+        positions = np.arange(start, start + share)
+        return np.array([self._order(p // self.size)[p % self.size] for p in positions])
+
+    def __getitem__(self, index):
+        indices = self.indices(self.epoch * self.steps_per_epoch + index)
+        if isinstance(self.examples, dict):
+            batch = {k: [v[i] for i in indices] for k, v in self.examples.items()}
+        else:
+            batch = [self.examples[i] for i in indices]
+        return self.preprocessor(batch)
+
+
+class EpochSetter(keras.callbacks.Callback):
+    """Tells a `StepBatches` which epoch is starting (also after a restore)."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.epoch = epoch
+
+
+# Optimizer.
+
+
+def make_optimizer(learning_rate, total_steps, warmup_steps, weight_decay):
+    """AdamW with linear warmup then cosine decay to 10%, clipped gradients.
+
+    The schedule reads the optimizer's step counter, which the backup
+    restores, so a resumed run continues on the same curve.
+    """
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup_steps else learning_rate,
+        decay_steps=max(total_steps - warmup_steps, 1),
+        alpha=0.1,
+        warmup_target=learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule, weight_decay=weight_decay, global_clipnorm=1.0
+    )
+    # RMSNorm scales (stored as 0 for "multiply by 1") are not decayed.
+    optimizer.exclude_from_weight_decay(var_names=["scale"])
+    return optimizer
+
+
+# Training with backups, logs and curves.
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Adds `seconds` (wall time of the epoch) to the logs the CSV records."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        import time
+
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        import time
+
+        if logs is not None:
+            logs["seconds"] = round(time.perf_counter() - self._start, 3)
+
+
+def fit_resumable(lm, batches, output, total_steps, cluster, verbose=1, extra_callbacks=()):
+    """Runs `lm.fit` for `total_steps`, resuming from `output/backup`.
+
+    Writes `output/log.csv` (one row per epoch) and `output/curves.png`.
+    A rerun after a kill restores the last epoch's backup and continues;
+    the backup is kept until the caller has saved the result and calls
+    `finish(output)`, so a kill in between cannot lose the run.
+    Returns the `History`.
+    """
+    output = pathlib.Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    epochs = math.ceil(total_steps / batches.steps_per_epoch)
+    if epochs * batches.steps_per_epoch != total_steps:
+        raise SystemExit(
+            f"--steps ({total_steps}) must be a multiple of --steps-per-epoch "
+            f"({batches.steps_per_epoch}), so every epoch ends on a backup."
+        )
+    backup = output / "backup" / f"rank{cluster.rank}"
+    log = output / "log.csv"
+    if not backup.exists() and log.exists() and cluster.is_chief:
+        log.unlink()  # A fresh start: the old log belongs to another run.
+    callbacks = [EpochSetter(batches), *cluster.callbacks(), StepTimer()]
+    # Restore before anything else sees the epoch, back up before logging.
+    callbacks.insert(0, keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False))
+    if cluster.is_chief:
+        callbacks.append(keras.callbacks.CSVLogger(str(log), append=True))
+    callbacks.extend(extra_callbacks)
+    # BackupAndRestore needs a built model and optimizer before `fit`.
+    lm.optimizer.build(lm.trainable_variables)
+    history = lm.fit(batches, epochs=epochs, shuffle=False, verbose=verbose, callbacks=callbacks)
+    if cluster.is_chief:
+        plot_curves(log, output / "curves.png")
+    return history
+
+
+def finish(output):
+    """Deletes the backups once the result is saved: the next run starts over."""
+    shutil.rmtree(pathlib.Path(output) / "backup", ignore_errors=True)
+
+
+def plot_curves(csv_path, png_path, title=None):
+    """Plots every numeric column of a CSV log against its first column.
+
+    matplotlib is optional: without it, one line says so and nothing is drawn.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed; no {png_path} (the numbers are in {csv_path}).")
+        return None
+    with open(csv_path) as file:
+        rows = list(csv.DictReader(file))
+    if not rows:
+        return None
+    x_key = next(iter(rows[0]))
+    # CSVLogger writes "NA" for validation columns a run does not have.
+    columns = [
+        k
+        for k in rows[0]
+        if k != x_key and "seconds" not in k and all(r[k] not in ("", "NA") for r in rows)
+    ]
+    figure, axes = plt.subplots(1, len(columns), figsize=(4 * len(columns), 3), squeeze=False)
+    x = [float(r[x_key]) + 1 for r in rows]
+    for axis, key in zip(axes[0], columns):
+        axis.plot(x, [float(r[key]) for r in rows], marker=".")
+        axis.set_xlabel(x_key)
+        axis.set_title(key)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=80)
+    plt.close(figure)
+    return png_path
+
+
+def model_summary_line(lm):
+    backbone = lm.backbone
+    return (
+        f"backend={keras.config.backend()} parameters={backbone.count_params():,} "
+        f"layers={backbone.num_layers} hidden={backbone.hidden_dim}"
+    )
