@@ -15,6 +15,7 @@ from keras_gemma.data import adapt_fit_inputs
 from keras_gemma.generation import Generator
 from keras_gemma.generation import check_token_ids
 from keras_gemma.layers.projection import quantization_config
+from keras_gemma.losses import chunked_cross_entropy
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.preprocessor import as_string_list
 from keras_gemma.presets import PRESETS
@@ -71,10 +72,16 @@ class GemmaCausalLM(keras.Model):
         self.preprocessor = preprocessor
         self.sampler = samplers_lib.get("greedy")
         self._generator = Generator(self)
+        self._loss_from_hidden = self._outputs_hidden = False
+        self.loss_chunk_size = None  # positions per logits chunk; None: by memory
+        self._accuracy = keras.metrics.Mean(name="accuracy")
         self.built = True
 
     def call(self, inputs, training=None):
-        return self.compute_logits(self.backbone(inputs, training=training))
+        hidden = self.backbone(inputs, training=training)
+        # Inside `fit`/`evaluate` with the default loss, the loss applies the
+        # tied projection itself, a chunk at a time (`compute_loss`).
+        return hidden if self._outputs_hidden else self.compute_logits(hidden)
 
     def compute_logits(self, hidden_states):
         """Tied output projection, in float32 for a stable softmax and loss."""
@@ -93,13 +100,20 @@ class GemmaCausalLM(keras.Model):
         """`keras.Model.compile` with defaults for fine-tuning a causal LM.
 
         `"auto"` gives AdamW (learning rate 5e-5, weight decay 0.01, none on
-        norm scales), sparse cross-entropy from logits weighted by the
-        preprocessor's sample weights, and token accuracy.
+        norm scales) and the token-mean cross-entropy weighted by the
+        preprocessor's sample weights (padding and prompts never dilute it),
+        with token accuracy. That loss makes the logits a chunk of positions
+        at a time (`losses.chunked_cross_entropy`, `loss_chunk_size`), so a
+        256k vocabulary never holds `[batch, sequence, vocabulary]` logits.
+        With your own `loss` or metrics, the model outputs full logits.
         `sampler` is what `generate` uses: a name or a `Sampler`.
         """
         if optimizer == "auto":
             optimizer = keras.optimizers.AdamW(learning_rate=5e-5, weight_decay=0.01)
             optimizer.exclude_from_weight_decay(var_names=["scale"])
+        self._loss_from_hidden = loss == "auto" and weighted_metrics == "auto"
+        if self._loss_from_hidden:
+            loss = weighted_metrics = None
         if loss == "auto":
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         if weighted_metrics == "auto":
@@ -132,6 +146,27 @@ class GemmaCausalLM(keras.Model):
         if not self.compiled:
             self.compile()
 
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if not self._outputs_hidden:
+            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        loss, correct = chunked_cross_entropy(
+            self.compute_logits, y_pred, y, sample_weight, self.loss_chunk_size
+        )
+        if sample_weight is None:
+            count = ops.cast(ops.size(y), "float32")
+        else:
+            count = ops.sum(ops.cast(sample_weight, "float32"))
+        count = ops.maximum(count, 1.0)
+        self._accuracy.update_state(correct / count, sample_weight=count)
+        return ops.sum(ops.stack([loss / count, *map(ops.sum, self.losses)]))
+
+    def _run_outputting_hidden(self, method, *args, **kwargs):
+        self._outputs_hidden = self._loss_from_hidden
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self._outputs_hidden = False
+
     # Training and evaluation take raw text through the preprocessor.
 
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
@@ -146,14 +181,18 @@ class GemmaCausalLM(keras.Model):
                 self.preprocessor, kwargs["validation_data"], None, None, batch_size, False
             )
             kwargs["validation_data"] = vx if vy is None else (vx, vy, vsw)
-        return super().fit(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+        return self._run_outputting_hidden(
+            super().fit, x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs
+        )
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         self._ensure_compiled()
         x, y, sample_weight, batch_size = adapt_fit_inputs(
             self.preprocessor, x, y, sample_weight, batch_size, False
         )
-        return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+        return self._run_outputting_hidden(
+            super().evaluate, x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs
+        )
 
     # Generation.
 

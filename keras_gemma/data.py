@@ -13,7 +13,7 @@ _DEFAULT_BATCH_SIZE = 32
 
 def _is_raw_text(x):
     if isinstance(x, dict):
-        return "prompts" in x or "responses" in x
+        return bool({"prompts", "responses", "messages"} & set(x))
     if isinstance(x, (str, bytes)):
         return True
     if isinstance(x, np.ndarray):
@@ -27,8 +27,24 @@ def _is_tf_dataset(x):
     return type(x).__module__.startswith("tensorflow") and hasattr(x, "element_spec")
 
 
+def _example_count(data):
+    """The number of examples in raw training data, checked for agreement."""
+    if not isinstance(data, dict):
+        return len(data)
+    sizes = {key: len(value) for key, value in data.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"Every field of the training data must have one entry per example; got sizes "
+            f"{sizes}. Give as many responses as prompts."
+        )
+    return next(iter(sizes.values()))
+
+
 class PreprocessedBatches(keras.utils.PyDataset):
     """Preprocesses raw text one batch at a time, reshuffled every epoch.
+
+    With a packing preprocessor, every example is tokenized up front and
+    packed into shared rows once; the rows are batched and reshuffled.
 
     Example:
     >>> from keras_gemma import GemmaCausalLMPreprocessor, GemmaTokenizer
@@ -48,9 +64,17 @@ class PreprocessedBatches(keras.utils.PyDataset):
         self.preprocessor = preprocessor
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self._size = len(data["prompts"]) if isinstance(data, dict) else len(data)
+        self._size = _example_count(data)
+        if self._size == 0:
+            raise ValueError("The training data is empty: pass at least one example.")
+        self._packed = None
+        if getattr(preprocessor, "packing", False):
+            self._packed = preprocessor.pack(preprocessor.tokenize_examples(data))
+            self._size = len(self._packed[1])
         self._order = np.arange(self._size)
-        self._rng = np.random.default_rng(seed)
+        # Without a seed, follow NumPy's global state, which
+        # `keras.utils.set_random_seed` sets: seeded runs see the same order.
+        self._rng = np.random.default_rng(np.random.randint(2**31) if seed is None else seed)
         if shuffle:
             self._rng.shuffle(self._order)
 
@@ -62,6 +86,9 @@ class PreprocessedBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index):
         indices = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        if self._packed is not None:
+            inputs, labels, weights = self._packed
+            return {k: v[indices] for k, v in inputs.items()}, labels[indices], weights[indices]
         if isinstance(self.data, dict):
             batch = {key: self._select(value, indices) for key, value in self.data.items()}
         else:
@@ -106,6 +133,8 @@ def adapt_fit_inputs(preprocessor, x, y, sample_weight, batch_size, shuffle):
     Raw text (strings, `{"prompts", "responses"}` dicts, `tf.data` pipelines
     of either) goes through `preprocessor`; anything else passes unchanged.
     """
+    if isinstance(x, (list, tuple, np.ndarray)) and len(x) == 0:
+        raise ValueError("The training data is empty: pass at least one example.")
     if isinstance(x, tuple) and len(x) in (1, 2, 3) and y is None and _is_raw_text(x[0]):
         x = x[0]  # validation_data=(texts,) style
     if isinstance(x, TextDataset):

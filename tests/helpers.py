@@ -40,3 +40,29 @@ def transformers_copy(backbone):
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     model.tie_weights()
     return model
+
+
+def value_and_gradients(fn, variables):
+    """`fn()` (a scalar) and its gradients with respect to `variables`, on any backend."""
+    backend = keras.config.backend()
+    if backend == "jax":
+        import jax
+
+        def pure(values):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return fn()
+
+        value, grads = jax.value_and_grad(pure)([v.value for v in variables])
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            value = fn()
+        grads = tape.gradient(value, [v.value for v in variables])
+    else:
+        for v in variables:
+            v.value.grad = None
+        value = fn()
+        value.backward()
+        grads = [v.value.grad for v in variables]
+    return to_numpy(value), [to_numpy(g) for g in grads]

@@ -12,12 +12,14 @@ from keras_gemma.layers.rotary_embedding import rotary_angles
 MASKED_LOGIT = -1e9
 
 
-def attention_mask(query_length, key_length, start_index=0, padding_mask=None):
+def attention_mask(query_length, key_length, start_index=0, padding_mask=None, segment_ids=None):
     """Boolean `[batch or 1, query, key]` mask: causal, plus padding if given.
 
     Query `i` sits at position `start_index + i` and may see keys at positions
     up to its own; with a key/value cache the keys are the whole cache, so
     slots not yet written (later positions) are hidden by the same rule.
+    `segment_ids` (`[batch, sequence]`, no cache) also hide keys of other
+    examples packed into the same row.
     """
     query_positions = ops.arange(query_length) + start_index
     key_positions = ops.arange(key_length)
@@ -25,7 +27,23 @@ def attention_mask(query_length, key_length, start_index=0, padding_mask=None):
     mask = mask[None]  # [1, t, s]
     if padding_mask is not None:
         mask = ops.logical_and(mask, ops.cast(padding_mask, "bool")[:, None, :])
+    if segment_ids is not None:
+        mask = ops.logical_and(mask, segment_ids[:, :, None] == segment_ids[:, None, :])
     return mask
+
+
+def segment_positions(segment_ids):
+    """Each token's position within its packed example, `[batch, sequence]`.
+
+    >>> import numpy as np
+    >>> segment_positions(np.array([[1, 1, 1, 2, 2, 0]])).tolist()
+    [[0, 1, 2, 0, 1, 0]]
+    """
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    length = ops.shape(segment_ids)[1]
+    causal = ops.arange(length)[None, :] <= ops.arange(length)[:, None]
+    earlier = ops.logical_and(same, causal[None])
+    return ops.sum(ops.cast(earlier, "int32"), axis=-1) - 1
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -63,6 +81,9 @@ class GemmaAttention(keras.layers.Layer):
         cache: optional `(key_cache, value_cache)`, each
             `[batch, max_length, num_key_value_heads, head_dim]`.
         cache_update_index: position of `x[:, 0]` in the sequence.
+        segment_ids: optional `[batch, sequence]` ids of examples packed into
+            one row (no cache): attention stays within an example and rotary
+            positions restart at each.
 
     Returns:
         `[batch, sequence, hidden_dim]`, and the updated cache if one was given.
@@ -130,7 +151,19 @@ class GemmaAttention(keras.layers.Layer):
         self.rotary_embedding.build((None, None, n, h))
         self.dropout_layer.build((None, kv, None, None))
 
-    def call(self, x, padding_mask=None, cache=None, cache_update_index=0, training=None):
+    def call(
+        self,
+        x,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=0,
+        training=None,
+        segment_ids=None,
+    ):
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("`segment_ids` (packed rows) are for training, not a KV cache.")
+            segment_ids = ops.convert_to_tensor(segment_ids, "int32")
         # The angles are shared by queries and keys; computing them here (not
         # through two layer calls) also trims per-step overhead when decoding.
         cos, sin = rotary_angles(
@@ -138,6 +171,7 @@ class GemmaAttention(keras.layers.Layer):
             self.head_dim,
             cache_update_index,
             self.rotary_embedding.max_wavelength,
+            positions=None if segment_ids is None else segment_positions(segment_ids),
         )
         query = apply_rotary(project(self.query_dense, x), cos, sin)
         key = apply_rotary(project(self.key_dense, x), cos, sin)
@@ -148,7 +182,9 @@ class GemmaAttention(keras.layers.Layer):
             key = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
             value = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
             cache = (key, value)
-        mask = attention_mask(ops.shape(x)[1], ops.shape(key)[1], cache_update_index, padding_mask)
+        mask = attention_mask(
+            ops.shape(x)[1], ops.shape(key)[1], cache_update_index, padding_mask, segment_ids
+        )
         attended = self._attend(query, key, value, mask, training)
         output = project(self.output_dense, attended)
         return output if cache is None else (output, cache)

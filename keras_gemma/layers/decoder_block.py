@@ -74,13 +74,22 @@ class GemmaDecoderBlock(keras.layers.Layer):
         ):
             layer.build(input_shape)
 
-    def call(self, x, padding_mask=None, cache=None, cache_update_index=0, training=None):
+    def call(
+        self,
+        x,
+        padding_mask=None,
+        cache=None,
+        cache_update_index=0,
+        training=None,
+        segment_ids=None,
+    ):
         attended = self.attention(
             self.pre_attention_norm(x),
             padding_mask=padding_mask,
             cache=cache,
             cache_update_index=cache_update_index,
             training=training,
+            segment_ids=segment_ids,
         )
         if cache is not None:
             attended, cache = attended

@@ -8,12 +8,17 @@ def inverse_frequencies(head_dim, max_wavelength=10000.0):
     return 1.0 / ops.power(max_wavelength, exponents)
 
 
-def rotary_angles(length, head_dim, start_index=0, max_wavelength=10000.0):
-    """`(cos, sin)` of the rotation angles, each `[1, length, 1, head_dim / 2]`."""
+def rotary_angles(length, head_dim, start_index=0, max_wavelength=10000.0, positions=None):
+    """`(cos, sin)` of the rotation angles, each `[1 or batch, length, 1, head_dim / 2]`.
+
+    Positions are `start_index, start_index + 1, ...`, or the given
+    `[batch, length]` `positions` (packed rows restart them per example).
+    """
     frequencies = inverse_frequencies(head_dim, max_wavelength)
-    positions = ops.arange(length, dtype="float32") + ops.cast(start_index, "float32")
-    angles = positions[:, None] * frequencies[None, :]  # [t, h/2]
-    return ops.cos(angles)[None, :, None, :], ops.sin(angles)[None, :, None, :]
+    if positions is None:
+        positions = (ops.arange(length, dtype="float32") + ops.cast(start_index, "float32"))[None]
+    angles = ops.cast(positions, "float32")[..., None] * frequencies  # [b, t, h/2]
+    return ops.cos(angles)[:, :, None, :], ops.sin(angles)[:, :, None, :]
 
 
 def apply_rotary(x, cos, sin):
