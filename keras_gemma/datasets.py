@@ -34,7 +34,6 @@ _FILE_FORMATS = {
 }
 # Files are scanned in chunks this size (a few times it in NumPy temporaries).
 _CHUNK_BYTES = 1 << 18
-_WHITESPACE = np.isin(np.arange(256), [ord(c) for c in " \t\r\n"])
 _EXTRA_HINT = 'pip install "keras-gemma[data]"'
 
 
@@ -192,27 +191,30 @@ class _JsonlFile:
         """Byte offsets of the lines holding more than whitespace."""
         kept = []
         line_start = 0  # where the line being scanned began
-        text_before = 0  # non-whitespace bytes before the current chunk
-        text_at_line_start = 0  # ... and before `line_start`
+        line_has_text = False  # ... and whether its bytes so far are more than spaces
         with open(path, "rb") as f:
             position = 0
             while chunk := f.read(_CHUNK_BYTES):
                 chunk = np.frombuffer(chunk, np.uint8)
                 newlines = np.flatnonzero(chunk == ord("\n"))
-                # Non-whitespace bytes up to each newline tell blank lines apart.
-                text = text_before + np.cumsum(~_WHITESPACE[chunk], dtype=np.int64)
-                text_at_newlines = text[newlines]
-                begins = np.concatenate([[line_start], newlines[:-1] + 1 + position])
-                counts = np.diff(text_at_newlines, prepend=text_at_line_start)
-                kept.append(begins[counts > 0].astype(np.int64))
+                text = (chunk != ord(" ")) & (chunk != ord("\t")) & (chunk != ord("\r"))
+                text &= chunk != ord("\n")
                 if len(newlines):
-                    line_start = int(newlines[-1]) + 1 + position
-                    text_at_line_start = int(text_at_newlines[-1])
-                text_before = int(text[-1])
+                    # Whether each line ending in this chunk has text, one
+                    # reduction over the chunk (no per-byte counts).
+                    begins = np.concatenate([[0], newlines[:-1] + 1])
+                    has_text = np.logical_or.reduceat(text[: newlines[-1] + 1], begins)
+                    has_text[0] |= line_has_text
+                    begins[0] = line_start - position
+                    kept.append(begins[has_text] + position)
+                    line_start = position + int(newlines[-1]) + 1
+                    line_has_text = bool(text[newlines[-1] + 1 :].any())
+                else:
+                    line_has_text |= bool(text.any())
                 position += len(chunk)
-        if text_before > text_at_line_start:  # a last line without "\n"
+        if line_has_text:  # a last line without "\n"
             kept.append(np.array([line_start], np.int64))
-        return np.concatenate(kept) if kept else np.zeros(0, np.int64)
+        return np.concatenate(kept).astype(np.int64) if kept else np.zeros(0, np.int64)
 
     def __len__(self):
         return len(self.offsets)
