@@ -48,9 +48,7 @@ class DecoderEntry:
 # layer call, most of a small model's decode step; this decoder runs the same
 # step in plain torch and the CPU kernels of `cpu_kernels.c`. Never on CUDA:
 # it has not been measured there, and Keras's path is correct everywhere.
-DECODERS = (
-    DecoderEntry("torch_cpu", "torch", ("cpu",), "keras_gemma.backends.torch_cpu"),
-)
+DECODERS = (DecoderEntry("torch_cpu", "torch", ("cpu",), "keras_gemma.backends.torch_cpu"),)
 
 
 def decoder_for(backbone):

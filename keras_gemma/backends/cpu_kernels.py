@@ -2,28 +2,21 @@
 system C compiler on first use): products `x @ weight.T` of a few rows (one
 per sequence), and one new position's attention (`attend`).
 
-Why: decoding one token reads every weight once, so its speed is the speed
-at which these products stream weights from memory. On CPUs without
-bfloat16 or VNNI instructions the stock kernels convert low-precision
-weights too slowly to keep up with memory (`benchmarks/cpu_kernels.py
---backend torch` compares them; figures in `benchmarks/RESULTS.md`). For
-float32 the stock kernel streams one row as fast, but costs more per call on
-small matrices and reads several rows more slowly, so this kernel takes
-float32 too.
-
-`prepare` binds a layer's weights once, so a call costs little Python; one
-call computes several products of the same rows (query, key and value) in
-one pass of the threads, reads and writes bfloat16 itself, and can apply the
-RMS norm, GeGLU's gating and the residual add around the products: the calls
-and the small PyTorch ops, not the weights, were most of the time of small
-matrices. `attend` does the same for a decode step's attention.
+Decoding one token reads every weight once, so its speed is the speed at
+which these products stream weights; on CPUs without bfloat16 or VNNI
+instructions the stock kernels convert low-precision weights too slowly to
+keep up with memory (`benchmarks/cpu_kernels.py --backend torch`; figures in
+`benchmarks/RESULTS.md`). `prepare` binds a layer's weights once; one call
+computes several products of the same rows in one pass of the threads and
+can apply the RMS norm, GeGLU's gating and the residual around them, since
+the calls and small PyTorch ops, not the weights, dominate small matrices.
 
 It is optional: without x86-64 Linux, AVX2 and FMA, a working `cc`, or
-PyTorch's OpenMP runtime, every function returns None, so `torch_cpu` uses
-the stock kernels, and one warning says why; `KERAS_GEMMA_NATIVE=0` turns it
-off silently. The library is built once per source and flags into
-`$KERAS_GEMMA_CACHE` (default `~/.cache/keras_gemma`), under a temporary name
-renamed into place, so concurrent processes never load a half-written file.
+PyTorch's OpenMP runtime, every function returns None (one warning says
+why; `KERAS_GEMMA_NATIVE=0` turns it off silently) and `torch_cpu` uses the
+stock kernels. The library is built once per source and flags into
+`$KERAS_GEMMA_CACHE` (default `~/.cache/keras_gemma`), renamed into place so
+concurrent processes never load a half-written file.
 
 Example:
 >>> import torch
@@ -79,15 +72,19 @@ def _flags():
     return ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", *limits]
 
 
-def _cpu_has_avx2_and_fma():
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return False
+@functools.cache
+def cpu_flags():
+    """The CPU's feature flags, from /proc/cpuinfo (none where it is unreadable)."""
     try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text()
+        text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    line = next((line for line in flags.splitlines() if line.startswith("flags")), "")
-    return {"avx2", "fma"} <= set(line.split())
+        return frozenset()
+    return frozenset(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").split())
+
+
+def _cpu_has_avx2_and_fma():
+    x86_linux = platform.system() == "Linux" and platform.machine() == "x86_64"
+    return x86_linux and {"avx2", "fma"} <= cpu_flags()
 
 
 def _build():

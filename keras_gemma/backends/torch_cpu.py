@@ -1,19 +1,14 @@
 """Generation's forward pass in plain PyTorch on CPU, over the model's own weights.
 
-Why a second path: eager Keras on torch costs tens of microseconds of
-Python for every `keras.ops` call and layer call, which is most of a small
-model's decode step. This module runs the same step in plain torch, through
-`cpu_kernels`'s AVX2 kernels for decode steps (up to `cpu_kernels.MAX_ROWS`
-rows; they also apply the RMS norm, GeGLU's gating and the residual, so a
-decode layer runs no PyTorch op) and PyTorch's CPU kernels otherwise, all
-reading the `[out, in]` storage of every Gemma kernel as it is.
-
-It computes what `GemmaBackbone.compute_hidden_states` plus the task's
-logits compute (same dtypes, same float32 islands;
-`tests/test_torch_decoding.py` holds them equal), for inference only: no
-dropout, no gradients. Weights are read from the Keras variables on every
-construction, not copied (except under mixed precision, where they are cast
-to the compute dtype once, as Keras's autocast does per layer call).
+Eager Keras on torch costs tens of microseconds of Python per op and layer
+call, most of a small model's decode step; this runs the same step in plain
+torch: `cpu_kernels` for decode steps (products fused with the RMS norm,
+GeGLU's gating and the residual) and PyTorch's kernels otherwise, reading
+every `[out, in]` kernel as stored. It computes what
+`GemmaBackbone.compute_hidden_states` plus the task's logits compute (same
+dtypes and float32 islands; `tests/test_torch_decoding.py` holds them equal),
+for inference only. Weights are read, not copied, from the Keras variables
+at each construction (cast once under mixed precision, as Keras's autocast).
 """
 
 import functools
@@ -26,10 +21,6 @@ from keras_gemma.backbone import quantizable_layers
 from keras_gemma.backends import cpu_kernels
 from keras_gemma.layers.attention import MASKED_LOGIT
 from keras_gemma.layers.rotary_embedding import inverse_frequencies
-
-
-def _value(variable):
-    return variable.value
 
 
 @functools.cache
@@ -51,16 +42,10 @@ _FLOAT32_PIECES_MIN_ROWS = 6
 _FLOAT32_PIECE = 1 << 21  # weights per piece: 8 MB of float32
 
 
-@functools.cache
 def _cpu_has_bfloat16_instructions():
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX),
     where PyTorch's own bfloat16 products beat the float32 pieces."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            flags = next((line for line in file if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_kernels.cpu_flags())
 
 
 def _linear(x, weight):
@@ -125,18 +110,18 @@ class _Projection:
             raise NotImplementedError(
                 f"Decoding with {layer.quantization_mode!r} weights on torch is not supported."
             )
-        kernel = _value(internals.stored_kernel(layer))
+        kernel = internals.stored_kernel(layer).value
         self.kernel = kernel.reshape(-1, kernel.shape[-1])
         self.scale = None
         if self.quantized:
             # Keras stores the scale `s` of `q = w * s`; the kernel wants w = q / s.
-            self.scale = (1.0 / _value(layer.kernel_scale).reshape(-1)).to(dtype)
+            self.scale = (1.0 / layer.kernel_scale.value.reshape(-1)).to(dtype)
         else:  # a cast copy only under mixed precision
             self.kernel = self.kernel.to(dtype)
         self.lora = None
         if layer.lora_enabled:
             scale = layer.lora_alpha / layer.lora_rank
-            a, b = _value(layer.lora_kernel_a).to(dtype), _value(layer.lora_kernel_b).to(dtype)
+            a, b = layer.lora_kernel_a.value.to(dtype), layer.lora_kernel_b.value.to(dtype)
             # The update `a @ b` is `[out..., in]`: x @ b.T @ a.T.
             self.lora = (b.t(), a.reshape(-1, a.shape[-1]).t() * scale)
 
@@ -231,7 +216,7 @@ class _Block:
 def _norm_scale(norm, dtype):
     # `1 + scale` in float32 from the scale as the layer reads it (rounded to
     # the compute dtype under mixed precision).
-    return _value(norm.scale).to(dtype).float() + 1.0
+    return norm.scale.value.to(dtype).float() + 1.0
 
 
 def _rms_norm(x, scale, eps, dtype):
@@ -317,10 +302,10 @@ class Decoder:
         embedding = backbone.token_embedding
         self.embedding_scale = None
         if embedding.quantization_mode == "int8":
-            self.embeddings = _value(internals.stored_embeddings(embedding))
-            self.embedding_scale = (1.0 / _value(embedding.embeddings_scale)).to(self.dtype)
+            self.embeddings = internals.stored_embeddings(embedding).value
+            self.embedding_scale = (1.0 / embedding.embeddings_scale.value).to(self.dtype)
         else:
-            self.embeddings = _value(embedding.embeddings).to(self.dtype)
+            self.embeddings = embedding.embeddings.value.to(self.dtype)
         self.native_logits = _prepare([self.embeddings], [self.embedding_scale])
         self.blocks = [_Block(block, self.dtype) for block in backbone.transformer_layers]
         self.final_norm = _norm_scale(backbone.final_normalization, self.dtype)
@@ -341,11 +326,7 @@ class Decoder:
             return logits[0].float()
         if self.embedding_scale is None:
             return _linear(hidden, self.embeddings).float()
-        if hidden.device.type == "cpu":
-            logits = _int8_linear(hidden, self.embeddings, self.embedding_scale)
-        else:
-            logits = F.linear(hidden, self.embeddings.to(hidden.dtype)) * self.embedding_scale
-        return logits.float()
+        return _int8_linear(hidden, self.embeddings, self.embedding_scale).float()
 
     def hidden_states(self, token_ids, cache, start):
         """Final-normalized hidden states `[batch, length, hidden]` of
