@@ -1,0 +1,587 @@
+"""GemmaRewardModel: a scalar reward from a Gemma backbone, trained on preference pairs.
+
+Also the preference data that DPO shares: `check_preferences` validates
+`{"prompts", "chosen", "rejected"}` (or conversations) with errors that name
+the fix, and `preference_batch` turns a batch of it into padded arrays.
+"""
+
+import contextlib
+import math
+import numbers
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_gemma import checkpoints
+from keras_gemma import internals
+from keras_gemma import lora
+from keras_gemma.backbone import GemmaBackbone
+from keras_gemma.data import PreprocessedBatches
+from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
+from keras_gemma.preprocessor import as_string_list
+from keras_gemma.presets import PRESETS
+
+HEAD_FILE = "reward_head.safetensors"
+_HEAD_FORMAT = "keras_gemma.reward_head"
+
+# Columns of preference data: `margin` is the reward model's optional
+# per-row margin; the `reference_*` columns are DPO's precomputed reference
+# log-probabilities (TRL's `precompute_ref_log_probs`).
+PREFERENCE_FIELDS = ("prompts", "chosen", "rejected")
+OPTIONAL_NUMERIC_FIELDS = ("margin", "reference_chosen_logps", "reference_rejected_logps")
+# Keys people write from other libraries' formats, and what we call them.
+_ALIASES = {
+    "prompt": "prompts",
+    "responses": "chosen/rejected",
+    "response": "chosen/rejected",
+    "ref_chosen_logps": "reference_chosen_logps",
+    "ref_rejected_logps": "reference_rejected_logps",
+    "margins": "margin",
+}
+
+
+# Preference data.
+
+
+def _is_conversation(item):
+    return isinstance(item, (list, tuple)) and all(isinstance(m, dict) for m in item)
+
+
+def _column(x, key):
+    values = x[key]
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            raise ValueError(
+                f"Preference column {key!r} must be 1-D, one entry per pair; received an "
+                f"array of shape {values.shape}."
+            )
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise TypeError(
+            f"Preference column {key!r} must be a list with one entry per pair; received "
+            f"{type(values).__name__}. Wrap a single pair's values in lists."
+        )
+    return list(values)
+
+
+def check_preferences(x, allowed_numeric=OPTIONAL_NUMERIC_FIELDS):
+    """Validates preference data; returns it as a dict of equal-length lists.
+
+    Accepted layouts (TRL's, with our plural `prompts`):
+    `{"prompts": [str], "chosen": [str], "rejected": [str]}` (responses to
+    prompts), `{"chosen": [str], "rejected": [str]}` (whole texts), and
+    conversations: `{"chosen": [messages], "rejected": [messages]}`, each a
+    list of `{"role", "content"}` dicts ending on a model turn, optionally
+    after `"prompts": [messages]` that both continue. Optional numeric
+    columns: `margin` (reward model), `reference_chosen_logps` and
+    `reference_rejected_logps` (DPO).
+
+    Example:
+    >>> data = check_preferences({"prompts": ["2+2="], "chosen": ["4"], "rejected": ["5"]})
+    >>> data["chosen"], data["prompts"]
+    (['4'], ['2+2='])
+    >>> check_preferences({"prompts": ["2+2="], "chosen": ["4"]})
+    Traceback (most recent call last):
+    ...
+    ValueError: Preference data is missing ['rejected']: give {'prompts', 'chosen', \
+'rejected'} (prompts optional), one entry per pair.
+    """
+    if not isinstance(x, dict):
+        raise TypeError(
+            "Preference data must be a dict of equal-length lists: {'prompts', 'chosen', "
+            "'rejected'} (prompts optional; conversations allowed), optionally 'margin'. "
+            f"Received {type(x).__name__}."
+        )
+    allowed = set(PREFERENCE_FIELDS) | set(allowed_numeric)
+    unknown = sorted(set(x) - allowed)
+    if unknown:
+        hints = [f"{k!r} -> {_ALIASES[k]!r}" for k in unknown if k in _ALIASES]
+        raise ValueError(
+            f"Unknown preference data keys {unknown}; expected {sorted(allowed)}."
+            + (f" Rename {', '.join(hints)}." if hints else "")
+        )
+    missing = [k for k in ("chosen", "rejected") if k not in x]
+    if missing:
+        raise ValueError(
+            f"Preference data is missing {missing}: give {{'prompts', 'chosen', 'rejected'}} "
+            "(prompts optional), one entry per pair."
+        )
+    data = {key: _column(x, key) for key in x}
+    sizes = {key: len(values) for key, values in data.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"Every preference column must have one entry per pair; got sizes {sizes}. "
+            "Give as many chosen and rejected responses (and prompts, margins) as pairs."
+        )
+    if sizes["chosen"] == 0:
+        raise ValueError("The preference data is empty: give at least one pair.")
+    conversational = _is_conversation(data["chosen"][0])
+    for key in ("prompts", "chosen", "rejected"):
+        if key not in data:
+            continue
+        for i, item in enumerate(data[key]):
+            if conversational and not _is_conversation(item):
+                raise TypeError(
+                    f"Preference row {i}: {key!r} is {type(item).__name__}, but 'chosen' "
+                    "holds conversations (lists of {'role', 'content'} dicts); give every "
+                    "prompt, chosen and rejected entry in one format."
+                )
+            if not conversational:
+                if isinstance(item, bytes):
+                    data[key][i] = item = item.decode("utf-8")
+                if not isinstance(item, str):
+                    raise TypeError(
+                        f"Preference row {i}: {key!r} must be a string (or every entry a "
+                        f"conversation); received {type(item).__name__}: {item!r}"
+                    )
+    for key in allowed_numeric:
+        if key in data:
+            for i, value in enumerate(data[key]):
+                if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                    raise TypeError(
+                        f"Preference row {i}: {key!r} must be a number; received {value!r}."
+                    )
+                if not math.isfinite(value):
+                    raise ValueError(f"Preference row {i}: {key!r} is {value}, not finite.")
+            data[key] = [float(v) for v in data[key]]
+    return data
+
+
+def _examples(preprocessor, prompts, responses):
+    """`(ids, weights)` per row, as supervised fine-tuning tokenizes them:
+    weights are 1 on the response (or the model turns), 0 on the prompt."""
+    if responses and _is_conversation(responses[0]):
+        if prompts is not None:
+            responses = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        return preprocessor.tokenize_examples({"messages": responses})
+    if prompts is None:
+        return preprocessor.tokenize_examples(responses)
+    return preprocessor.tokenize_examples({"prompts": prompts, "responses": responses})
+
+
+def pad_examples(examples, length, pad_token_id, end_token_id=None):
+    """Right-pads `(ids, weights)` rows to `length`.
+
+    With `end_token_id`, every row ends with that token, appended if it does
+    not (a row that is too long keeps it in its last slot), so a reward read
+    at the last real token is always read at an end token.
+
+    Returns `(token_ids, padding_mask, completion_mask)`, int32 `[rows, length]`.
+    """
+    token_ids = np.full((len(examples), length), pad_token_id, "int32")
+    padding_mask = np.zeros((len(examples), length), "int32")
+    completion_mask = np.zeros((len(examples), length), "int32")
+    for i, (ids, weights) in enumerate(examples):
+        ids, weights = list(ids), list(weights)
+        if end_token_id is not None:
+            if not ids or ids[-1] != end_token_id:
+                ids, weights = ids + [end_token_id], weights + [1.0]
+            if len(ids) > length:
+                ids, weights = ids[: length - 1] + ids[-1:], weights[: length - 1] + weights[-1:]
+        ids, weights = ids[:length], weights[:length]
+        token_ids[i, : len(ids)] = ids
+        padding_mask[i, : len(ids)] = 1
+        completion_mask[i, : len(ids)] = np.asarray(weights) > 0
+    return token_ids, padding_mask, completion_mask
+
+
+def preference_batch(preprocessor, batch, append_end_token=True, sequence_length=None):
+    """One batch of checked preference data as model inputs.
+
+    Returns `{"chosen_token_ids", "chosen_padding_mask",
+    "chosen_completion_mask", "rejected_..."}` (int32 `[batch, length]`,
+    the completion mask 1 on response tokens) plus each numeric column as a
+    float32 `[batch]` array.
+    """
+    length = sequence_length or preprocessor.sequence_length
+    tokenizer = preprocessor.tokenizer
+    end = tokenizer.end_token_id if append_end_token else None
+    prompts = batch.get("prompts")
+    inputs = {}
+    for side in ("chosen", "rejected"):
+        examples = _examples(preprocessor, prompts, batch[side])
+        ids, mask, completion = pad_examples(examples, length, tokenizer.pad_token_id, end)
+        inputs[f"{side}_token_ids"] = ids
+        inputs[f"{side}_padding_mask"] = mask
+        inputs[f"{side}_completion_mask"] = completion
+    for key in OPTIONAL_NUMERIC_FIELDS:
+        if key in batch:
+            inputs[key] = np.asarray(batch[key], "float32")
+    return inputs
+
+
+def check_same_tokenizer(a, b, names=("reward model", "policy")):
+    """Raises unless `a` and `b` tokenize identically.
+
+    `a` and `b` may be tokenizers, preprocessors or task models (anything
+    with `.preprocessor.tokenizer`). A reward model must read the policy's
+    token ids: the same SentencePiece model, not just the same size.
+
+    Example:
+    >>> from keras_gemma import GemmaTokenizer
+    >>> from keras_gemma.tokenizer import train_sentencepiece
+    >>> one = GemmaTokenizer(train_sentencepiece(["the quick fox"] * 50, 280))
+    >>> check_same_tokenizer(one, one)
+    >>> other = GemmaTokenizer(train_sentencepiece(["a lazy dog"] * 50, 280))
+    >>> check_same_tokenizer(one, other)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: The reward model's tokenizer differs from the policy's (same size, 280 \
+pieces, but different pieces): ...
+    """
+    tokenizers = []
+    for obj, name in zip((a, b), names):
+        tokenizer = getattr(getattr(obj, "preprocessor", obj), "tokenizer", obj)
+        if not hasattr(tokenizer, "proto"):
+            raise TypeError(
+                f"The {name} has no tokenizer to compare (received {type(obj).__name__}); "
+                "give it a preprocessor, e.g. from_preset(...)."
+            )
+        tokenizers.append(tokenizer)
+    first, second = tokenizers
+    if first.proto == second.proto:
+        return
+    sizes = first.vocabulary_size(), second.vocabulary_size()
+    what = (
+        f"same size, {sizes[0]} pieces, but different pieces"
+        if sizes[0] == sizes[1]
+        else f"{sizes[0]} vs {sizes[1]} pieces"
+    )
+    raise ValueError(
+        f"The {names[0]}'s tokenizer differs from the {names[1]}'s ({what}): the {names[0]} "
+        f"would read the {names[1]}'s token ids as other words. Build it from the "
+        f"{names[1]}'s preset, e.g. GemmaRewardModel.from_preset(<the {names[1]}'s preset>)."
+    )
+
+
+@contextlib.contextmanager
+def dropout_disabled(model):
+    """Sets every dropout rate inside `model` to 0 for the block, as TRL's
+    `disable_dropout` does: a preference loss compares two forward passes,
+    and dropout noise in either swamps the difference (trl #3500).
+
+    Rates are Python state read while tracing, so a `fit` inside the block
+    traces without dropout; gradient checkpointing still applies.
+    """
+    layers = [
+        layer
+        for layer in internals.flatten_layers(model)
+        if isinstance(layer, keras.layers.Dropout) and layer.rate > 0
+    ]
+    rates = [layer.rate for layer in layers]
+    for layer in layers:
+        layer.rate = 0.0
+    try:
+        yield
+    finally:
+        for layer, rate in zip(layers, rates):
+            layer.rate = rate
+
+
+def reject_labels(y, sample_weight):
+    if y is not None or sample_weight is not None:
+        raise ValueError(
+            "Preference data carries its own targets (chosen over rejected): pass only `x`, "
+            "without `y` or `sample_weight`. Weight pairs with a 'margin' column instead."
+        )
+
+
+def preference_batches(data, preprocess, batch_size, shuffle):
+    """A `PyDataset` preprocessing checked preference data a batch at a time."""
+    return PreprocessedBatches(data, preprocess, batch_size or 32, shuffle=bool(shuffle))
+
+
+def default_optimizer(learning_rate):
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=0.01)
+    optimizer.exclude_from_weight_decay(var_names=["scale"])  # RMSNorm scales
+    return optimizer
+
+
+# The model.
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaRewardModel(keras.Model):
+    """A Gemma backbone with a scalar reward head, trained on preference pairs.
+
+    The reward is a bias-free `Dense(1)` (float32) of the final hidden state
+    at each sequence's last real token. Every text is tokenized as
+    supervised fine-tuning does (`<bos>` prompt response) and ends with
+    `<eos>`, appended to conversations too, so the reward is read at an end
+    token that has seen the whole sequence; the position is found from the
+    padding mask, so padding never moves it.
+
+    `fit` takes preference data, `{"prompts", "chosen", "rejected"}` (see
+    `check_preferences`; conversations too), and minimises the
+    Bradley–Terry loss `-log σ(r_chosen − r_rejected − margin)` with an
+    optional per-row `margin` column, plus `center_rewards_coefficient ·
+    mean((r_chosen + r_rejected)²)` when set (TRL's reward centring; 0.01 is
+    typical). It logs `accuracy` (pairs ranked right), `margin` (mean
+    `r_chosen − r_rejected`) and `mean_reward`, TRL's names. Dropout is off
+    during `fit` (`disable_dropout=True`, TRL's default).
+
+    `predict({"prompts", "responses"})` (or `{"messages": [...]}`, or
+    `{"token_ids", "padding_mask"}`) returns one float32 reward per row;
+    `compute_rewards(token_ids, padding_mask)` is the same in `keras.ops`.
+    LoRA: `reward_model.backbone.enable_lora(rank)` freezes the backbone but
+    for the adapters; the head always trains. `from_preset` takes any Gemma
+    preset (a fresh head) or a saved reward model (its head too).
+
+    Args:
+        backbone: a `GemmaBackbone`.
+        preprocessor: a `GemmaCausalLMPreprocessor`; its `sequence_length`
+            is the longest scored sequence, `<eos>` included.
+        center_rewards_coefficient: weight of the reward-centring term, or None.
+        disable_dropout: set dropout rates to 0 while fitting.
+
+    Example:
+    >>> import keras
+    >>> from keras_gemma import GemmaBackbone, GemmaCausalLMPreprocessor, GemmaTokenizer
+    >>> from keras_gemma.tokenizer import train_sentencepiece
+    >>> tokenizer = GemmaTokenizer(train_sentencepiece(["yes no maybe"] * 50, 280))
+    >>> backbone = GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(),
+    ...     num_layers=1, num_query_heads=2, num_key_value_heads=1,
+    ...     hidden_dim=16, intermediate_dim=32, head_dim=8)
+    >>> model = GemmaRewardModel(backbone, GemmaCausalLMPreprocessor(tokenizer, 8))
+    >>> model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    >>> history = model.fit({"prompts": ["ok?"] * 4, "chosen": ["yes"] * 4,
+    ...     "rejected": ["no"] * 4}, batch_size=4, epochs=20, verbose=0)
+    >>> history.history["accuracy"][-1]
+    1.0
+    >>> model.predict({"prompts": ["ok?"], "responses": ["yes"]}, verbose=0).shape
+    (1,)
+    """
+
+    backbone_cls = GemmaBackbone
+    preprocessor_cls = GemmaCausalLMPreprocessor
+    presets = PRESETS  # any Gemma preset serves as the backbone
+
+    def __init__(
+        self,
+        backbone,
+        preprocessor=None,
+        center_rewards_coefficient=None,
+        disable_dropout=True,
+        **kwargs,
+    ):
+        super().__init__(dtype=backbone.dtype_policy, **kwargs)
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.center_rewards_coefficient = center_rewards_coefficient
+        self.disable_dropout = disable_dropout
+        # transformers' sequence-classification heads: no bias (it cancels in
+        # r_chosen − r_rejected), normal(0.02) weights, so rewards start small
+        # and the loss near log 2. Float32 whatever the backbone's dtype.
+        self.reward_head = keras.layers.Dense(
+            1,
+            use_bias=False,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
+            dtype="float32",
+            name="reward_head",
+        )
+        self.reward_head.build((None, backbone.hidden_dim))
+        self._accuracy = keras.metrics.Mean(name="accuracy")
+        self._margin = keras.metrics.Mean(name="margin")
+        self._mean_reward = keras.metrics.Mean(name="mean_reward")
+        self.built = True
+
+    def compute_rewards(self, token_ids, padding_mask, training=None):
+        """`[batch]` float32 rewards of right- or left-padded sequences,
+        read at each row's last real token."""
+        hidden = self.backbone(
+            {"token_ids": token_ids, "padding_mask": padding_mask}, training=training
+        )  # [batch, sequence, hidden]
+        length = ops.shape(hidden)[1]
+        positions = ops.arange(length, dtype="int32")[None, :]
+        real = ops.cast(padding_mask, "bool")
+        last = ops.argmax(ops.where(real, positions, -1), axis=1)  # [batch]
+        # A one-hot product selects exactly (x·1 + 0s) and works the same on
+        # every backend, unlike gathers with a broadcast batch index.
+        selector = ops.one_hot(last, length, dtype=hidden.dtype)  # [batch, sequence]
+        final = ops.einsum("bsh,bs->bh", hidden, selector)  # [batch, hidden]
+        return self.reward_head(ops.cast(final, "float32"))[:, 0]
+
+    def call(self, inputs, training=None):
+        if "chosen_token_ids" not in inputs:
+            return self.compute_rewards(inputs["token_ids"], inputs["padding_mask"], training)
+        # Chosen and rejected in one forward pass.
+        token_ids = ops.concatenate([inputs["chosen_token_ids"], inputs["rejected_token_ids"]], 0)
+        padding_mask = ops.concatenate(
+            [inputs["chosen_padding_mask"], inputs["rejected_padding_mask"]], 0
+        )
+        rewards = self.compute_rewards(token_ids, padding_mask, training)  # [2 * batch]
+        return ops.transpose(ops.reshape(rewards, (2, -1)))  # [batch, (chosen, rejected)]
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        chosen, rejected = y_pred[:, 0], y_pred[:, 1]
+        margin = x.get("margin") if isinstance(x, dict) else None
+        difference = chosen - rejected
+        target = difference if margin is None else difference - ops.cast(margin, "float32")
+        loss = -ops.mean(ops.log_sigmoid(target))
+        if self.center_rewards_coefficient:
+            loss = loss + self.center_rewards_coefficient * ops.mean(ops.square(chosen + rejected))
+        self._accuracy.update_state(ops.cast(difference > 0, "float32"))
+        self._margin.update_state(difference)
+        self._mean_reward.update_state(ops.concatenate([chosen, rejected], 0))
+        return ops.sum(ops.stack([loss, *map(ops.sum, self.losses)]))
+
+    def compile(self, optimizer="auto", **kwargs):
+        """`keras.Model.compile`; `"auto"` is AdamW (learning rate 1e-5,
+        weight decay 0.01, none on norm scales). The loss is always
+        Bradley–Terry (`compute_loss`)."""
+        if optimizer == "auto":
+            optimizer = default_optimizer(1e-5)
+        super().compile(optimizer=optimizer, **kwargs)
+
+    # Data.
+
+    def _require_preprocessor(self, what):
+        if self.preprocessor is None:
+            raise ValueError(
+                f"This reward model has no preprocessor, so {what} takes token arrays, not "
+                "text. Attach one: GemmaRewardModel(backbone, preprocessor=...)."
+            )
+
+    def preprocess(self, batch):
+        """A batch of preference data (a dict of lists) as model inputs."""
+        self._require_preprocessor("`fit`")
+        return preference_batch(self.preprocessor, check_preferences(batch, ("margin",)))
+
+    def preprocess_responses(self, x, sequence_length=None):
+        """`{"prompts", "responses"}`, `{"messages"}` or a list of texts as
+        `{"token_ids", "padding_mask"}`, each row ending with `<eos>`."""
+        self._require_preprocessor("`predict`")
+        if isinstance(x, dict) and "messages" in x:
+            examples = self.preprocessor.tokenize_examples({"messages": x["messages"]})
+        elif isinstance(x, dict):
+            missing = {"prompts", "responses"} - set(x)
+            if missing or len(x) != 2:
+                raise ValueError(
+                    "Rewards are predicted for {'prompts', 'responses'}, {'messages'}, a list "
+                    f"of texts or {{'token_ids', 'padding_mask'}}. Received keys {sorted(x)}."
+                )
+            prompts, _ = as_string_list(x["prompts"], "`prompts`")
+            responses, _ = as_string_list(x["responses"], "`responses`")
+            if len(prompts) != len(responses):
+                raise ValueError(
+                    "`prompts` and `responses` must have the same length. Received "
+                    f"{len(prompts)} prompts and {len(responses)} responses."
+                )
+            examples = _examples(self.preprocessor, prompts, responses)
+        else:
+            examples = _examples(self.preprocessor, None, as_string_list(x, "The texts")[0])
+        tokenizer = self.preprocessor.tokenizer
+        token_ids, padding_mask, _ = pad_examples(
+            examples,
+            sequence_length or self.preprocessor.sequence_length,
+            tokenizer.pad_token_id,
+            tokenizer.end_token_id,
+        )
+        return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    def _preference_inputs(self, x, y, sample_weight, batch_size, shuffle):
+        reject_labels(y, sample_weight)
+        self._require_preprocessor("`fit`")
+        data = check_preferences(x, ("margin",))
+        return preference_batches(data, self.preprocess, batch_size, shuffle)
+
+    def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        """`keras.Model.fit` on preference data (a dict, see `check_preferences`)."""
+        if not self.compiled:
+            self.compile()
+        lora.check_trainable_through_int8(self.backbone)
+        batches = self._preference_inputs(
+            x, y, sample_weight, batch_size, kwargs.pop("shuffle", True)
+        )
+        validation = kwargs.get("validation_data")
+        if validation is not None:
+            kwargs["validation_data"] = self._preference_inputs(
+                validation, None, None, batch_size, False
+            )
+        context = dropout_disabled(self) if self.disable_dropout else contextlib.nullcontext()
+        with context:
+            return super().fit(batches, **kwargs)
+
+    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        """Loss, pairwise `accuracy` and `margin` on held-out preference data."""
+        if not self.compiled:
+            self.compile()
+        batches = self._preference_inputs(x, y, sample_weight, batch_size, False)
+        return super().evaluate(batches, **kwargs)
+
+    def predict(self, x, batch_size=None, **kwargs):
+        """One float32 reward per row of `{"prompts", "responses"}`,
+        `{"messages"}`, a list of texts, or `{"token_ids", "padding_mask"}`."""
+        if not (isinstance(x, dict) and "token_ids" in x):
+            x = self.preprocess_responses(x)
+        return super().predict(x, batch_size=batch_size or 32, **kwargs)
+
+    # Presets.
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, dtype=None, **kwargs):
+        """A reward model on any Gemma preset's backbone and tokenizer.
+
+        A preset saved by `save_to_preset` brings its trained head; any
+        other preset gets a fresh one. Arguments as `GemmaCausalLM.from_preset`
+        (`sequence_length`, backbone overrides such as `dropout`).
+        """
+        model = checkpoints.load_causal_lm(cls, preset, load_weights, dtype, **kwargs)
+        head = checkpoints.resolve_preset(preset) / HEAD_FILE
+        if load_weights and head.is_file():
+            model.load_reward_head(head)
+        return model
+
+    def save_to_preset(self, preset_dir):
+        """Writes the backbone and preprocessor as a Keras preset (which
+        `GemmaCausalLM.from_preset` also reads) plus the reward head, atomically."""
+        if lora.lora_state(self.backbone) is not None:
+            raise ValueError(
+                "The backbone has LoRA adapters, which a preset does not hold. Call "
+                "`reward_model.backbone.merge_lora()` before saving (or save the adapters "
+                "with `backbone.save_lora_weights(path)` and the head with "
+                "`save_reward_head(path)`)."
+            )
+        with checkpoints.atomic_directory(preset_dir) as temporary:
+            # Writes into the (empty) temporary directory, itself atomically.
+            checkpoints.save_causal_lm(self, temporary)
+            self.save_reward_head(temporary / HEAD_FILE)
+
+    def save_reward_head(self, path):
+        """Writes the head's kernel to a safetensors file (atomically)."""
+        kernel = np.asarray(ops.convert_to_numpy(self.reward_head.kernel), "float32")
+        checkpoints.save_arrays(
+            path, {"kernel": kernel}, {"format": _HEAD_FORMAT, "format_version": "1"}
+        )
+
+    def load_reward_head(self, path):
+        """Reads a head written by `save_reward_head`, checking its shape."""
+        file = checkpoints.SafetensorsFile(path)
+        if file.metadata.get("format") != _HEAD_FORMAT or "kernel" not in file.tensors:
+            raise checkpoints.CheckpointError(f"{path} is not a keras_gemma reward head.")
+        expected = tuple(self.reward_head.kernel.shape)
+        if file.shape("kernel") != expected:
+            raise checkpoints.CheckpointError(
+                f"The reward head in {path} has shape {file.shape('kernel')}, but this "
+                f"backbone needs {expected}: it was trained on another model."
+            )
+        self.reward_head.kernel.assign(file.read("kernel"))
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "preprocessor": keras.saving.serialize_keras_object(self.preprocessor),
+            "center_rewards_coefficient": self.center_rewards_coefficient,
+            "disable_dropout": self.disable_dropout,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        if config.get("preprocessor") is not None:
+            config["preprocessor"] = keras.saving.deserialize_keras_object(config["preprocessor"])
+        return cls(**config)
