@@ -570,7 +570,9 @@ class RawBatches(keras.utils.PyDataset):
     """Batches of a `TextDataset`, raw or through a preprocessor.
 
     Each batch reads only its own records from disk. With `shuffle`, the
-    order is redrawn at the end of every epoch.
+    order is redrawn at the end of every epoch (and `fit(shuffle=True)` also
+    shuffles the order of the batches). A packing preprocessor packs the
+    examples of each batch into shared rows.
     """
 
     def __init__(self, dataset, batch_size, shuffle=False, seed=None):
@@ -579,7 +581,9 @@ class RawBatches(keras.utils.PyDataset):
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.preprocessor = None
-        self._rng = np.random.default_rng(seed)
+        # Without a seed, follow NumPy's global state, which
+        # `keras.utils.set_random_seed` sets: seeded runs see the same order.
+        self._rng = np.random.default_rng(np.random.randint(2**31) if seed is None else seed)
         self._order = self._new_order()
 
     def _new_order(self):
@@ -660,7 +664,9 @@ def load_dataset(
         format: the file format, when the extension does not say it.
         data_dir: where TFDS looks for prepared datasets.
         shuffle_buffer_size: examples TFDS shuffles among.
-        seed: the shuffling seed; `None` draws a new order every run.
+        seed: the shuffling seed; `None` follows NumPy's global random
+            state (and TensorFlow's for TFDS), which
+            `keras.utils.set_random_seed` sets.
 
     Returns:
         A `TextDataset` that `GemmaCausalLM.fit`/`evaluate` take; its
