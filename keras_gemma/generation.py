@@ -170,16 +170,8 @@ class Generator:
 
             def generate(token_ids, prompt_lengths, max_length, seed):
                 token_ids, cache, index, mask, seed = start(token_ids, prompt_lengths, seed)
-                return model.sampler(
-                    decoder.next_logits,
-                    token_ids,
-                    cache,
-                    index,
-                    mask,
-                    max_length,
-                    stop_token_ids,
-                    seed,
-                )
+                state = (token_ids, cache, index, mask, max_length, stop_token_ids, seed)
+                return model.sampler(decoder.next_logits, *state)
 
             return generate
 

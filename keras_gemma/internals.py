@@ -13,8 +13,8 @@ def supports_deferred_initialization(variables):
     """Whether `variables`, made in a `keras.StatelessScope(initialize_variables=False)`,
     are still unallocated and can be initialized one at a time by
     `initialize_deferred`."""
-    # Keras allocates such variables only when the scope's creator exits, all
-    # at once; `_value` is None until then and `_deferred_initialize` is that
+    # Keras allocates such variables all at once when the scope's creator
+    # exits; until then `_value` is None, and `_deferred_initialize` is that
     # step for one variable. No public API initializes a single one.
     return all(
         getattr(v, "_value", 0) is None and hasattr(v, "_deferred_initialize") for v in variables
@@ -24,16 +24,14 @@ def supports_deferred_initialization(variables):
 def initialize_deferred(variable, initializer):
     """Allocates a deferred `variable` with `initializer(shape, dtype)`, so a
     checkpoint loads straight into the variables (peak: the model plus one
-    tensor)."""
-    # Keras keeps the initializer in `_initializer` and calls it in
-    # `_deferred_initialize`; there is no public way to swap it.
+    tensor). There is no public way to swap Keras's `_initializer`."""
     variable._initializer = initializer
     variable._deferred_initialize()
 
 
 def forget_uninitialized_variables(variables):
-    """Takes `variables` off Keras's list of variables that a later scope's
-    exit initializes: ours are initialized (or abandoned) already."""
+    """Takes `variables` off Keras's global list of variables that a later
+    scope's exit initializes: ours are initialized (or abandoned) already."""
     from keras.src.backend.common import global_state
 
     ids = set(map(id, variables))
@@ -46,33 +44,27 @@ def forget_uninitialized_variables(variables):
 
 
 def stored_kernel(layer):
-    """The kernel variable an `EinsumDense` stores (int8 when quantized),
-    without the LoRA update that its public `kernel` property adds."""
-    # Keras keeps the stored variable in `_kernel`; `kernel` computes
-    # `_kernel + a @ b` under LoRA (and unpacks int4).
+    """The kernel variable an `EinsumDense` stores (`_kernel`, int8 when
+    quantized), without the LoRA update its public `kernel` property adds."""
     return layer._kernel
 
 
 def stored_embeddings(embedding):
-    """The table variable an `Embedding` stores (int8 when quantized),
-    without the LoRA update that its public `embeddings` property adds."""
-    # As `stored_kernel`, for `_embeddings` and `embeddings`.
+    """The table variable an `Embedding` stores (`_embeddings`), as `stored_kernel`."""
     return embedding._embeddings
 
 
 def kernel_with_merged_lora(layer):
     """`(kernel, kernel_scale, kernel_zero)` of an `EinsumDense` with its LoRA
     update folded in; quantized layers are dequantized, merged and
-    re-quantized, with a new scale."""
-    # Keras's own merge-and-requantize, which `save_own_variables` uses; not
-    # public, and re-deriving it would duplicate each mode's scale layout.
+    re-quantized, with a new scale. Keras's own merge-and-requantize (used by
+    `save_own_variables`); re-deriving it would duplicate each mode's scales."""
     return layer._get_kernel_with_merged_lora()
 
 
 def flatten_layers(layer):
-    """`layer` and every layer nested in it, recursively."""
-    # `Model.layers` lists only direct children, and `Layer` has no public
-    # recursive listing; Keras itself walks `_flatten_layers`.
+    """`layer` and every layer nested in it, recursively: `Model.layers` lists
+    only direct children, and Keras itself walks `_flatten_layers`."""
     return list(layer._flatten_layers(include_self=True, recursive=True))
 
 
@@ -96,9 +88,9 @@ def default_quantization_config(model, config_for_mode):
 
 
 def call_without_lora(layer, x):
-    """`layer(x)` for an `EinsumDense`, without its LoRA update."""
-    # Keras's quantized call has no other way to compute the quantized
-    # product alone; `lora_enabled` is Python state, read while tracing.
+    """`layer(x)` for an `EinsumDense`, without its LoRA update: Keras's
+    quantized call has no other way to compute the quantized product alone
+    (`lora_enabled` is Python state, read while tracing)."""
     layer.lora_enabled = False
     try:
         return layer(x)
@@ -110,9 +102,9 @@ def call_without_lora(layer, x):
 
 
 def onednn_linear(x, weight):
-    """`x @ weight.T` for float32 on CPU, by oneDNN's inner product (raises
+    """`x @ weight.T` for float32 on CPU by oneDNN's inner product, the op
+    Inductor's CPU fusions emit, which no public function calls (raises
     AttributeError or RuntimeError on a PyTorch built without oneDNN)."""
-    # The op Inductor's CPU fusions emit; no public function calls it.
     import torch
 
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
@@ -120,10 +112,9 @@ def onednn_linear(x, weight):
 
 def int8pack_mm(x, kernel, scale):
     """`(x @ kernel.T) * scale` for an int8 `kernel` `[out, in]` and a float
-    `scale` `[out]`, on CPU; its input limits are the caller's to respect
-    (`backends/torch_cpu.py`)."""
-    # PyTorch's CPU kernel for weight-only int8 products exists only as this
-    # private aten op; public functions convert the int8 weights first.
+    `scale` `[out]`, on CPU: PyTorch's weight-only int8 kernel exists only as
+    this private aten op (public functions convert the weights first). Its
+    input limits are the caller's to respect (`backends/torch_cpu.py`)."""
     import torch
 
     return torch.ops.aten._weight_int8pack_mm(x, kernel, scale)
@@ -131,10 +122,8 @@ def int8pack_mm(x, kernel, scale):
 
 def torch_extension_library():
     """The path of PyTorch's compiled extension (`torch._C`), whose symbols
-    resolve as PyTorch's own: `ctypes.CDLL` of it finds the OpenMP runtime
-    PyTorch loaded."""
-    # `torch._C` is private, and no public API names the library PyTorch's
-    # native code was loaded from.
+    resolve as PyTorch's own, so `ctypes.CDLL` of it finds the OpenMP runtime
+    PyTorch loaded; no public API names that library."""
     import torch
 
     return torch._C.__file__

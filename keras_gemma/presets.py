@@ -20,12 +20,8 @@ from keras_gemma.config import GemmaConfig
 
 
 def _read_table():
-    text = (
-        importlib.resources.files("keras_gemma")
-        .joinpath("preset_data/gemma.json")
-        .read_text(encoding="utf-8")
-    )
-    table = json.loads(text)
+    path = importlib.resources.files("keras_gemma") / "preset_data" / "gemma.json"
+    table = json.loads(path.read_text(encoding="utf-8"))
     presets = {}
     for name, entry in table["presets"].items():
         entry = dict(entry)

@@ -149,9 +149,6 @@ class GreedySampler(Sampler):
     1
     """
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-
     def compute_probabilities(self, logits):
         # The most probable token has the largest logit: skipping the softmax
         # (a visible part of a small model's CPU step) changes no pick, except

@@ -34,20 +34,18 @@ class DecoderEntry:
     module: str
 
     def applies(self, backbone):
-        if keras.config.backend() != self.backend:
-            return False
-        if _device_type(backbone.token_embedding.weights[0]) not in self.devices:
-            return False
-        return importlib.import_module(self.module).supports(backbone)
+        return (
+            keras.config.backend() == self.backend
+            and _device_type(backbone.token_embedding.weights[0]) in self.devices
+            and importlib.import_module(self.module).supports(backbone)
+        )
 
     def build(self, backbone):
         return importlib.import_module(self.module).Decoder(backbone)
 
 
-# Eager PyTorch pays tens of microseconds of Python for every Keras op and
-# layer call, most of a small model's decode step; this decoder runs the same
-# step in plain torch and the CPU kernels of `cpu_kernels.c`. Never on CUDA:
-# it has not been measured there, and Keras's path is correct everywhere.
+# `torch_cpu` skips eager Keras's per-op Python. Never on CUDA: it has not
+# been measured there, and Keras's path is correct everywhere.
 DECODERS = (DecoderEntry("torch_cpu", "torch", ("cpu",), "keras_gemma.backends.torch_cpu"),)
 
 

@@ -38,12 +38,12 @@ import os
 import pathlib
 import platform
 import subprocess
-import tempfile
 import warnings
 
 import torch
 
 from keras_gemma import internals
+from keras_gemma.checkpoints import atomic_file
 
 _SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.c")
 _FUNCTIONS = {torch.bfloat16: "matvec_bf16", torch.int8: "matvec_i8", torch.float32: "matvec_f32"}
@@ -93,20 +93,10 @@ def _build():
     cache = os.environ.get("KERAS_GEMMA_CACHE", pathlib.Path.home() / ".cache" / "keras_gemma")
     library = pathlib.Path(cache) / f"cpu_kernels-{digest}.so"
     if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
-        os.close(handle)
-        try:
-            subprocess.run(
-                [os.environ.get("CC", "cc"), *flags, str(_SOURCE), "-o", partial],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-            os.replace(partial, library)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+        with atomic_file(library) as partial:
+            compiler = os.environ.get("CC", "cc")
+            command = [compiler, *flags, str(_SOURCE), "-o", str(partial)]
+            subprocess.run(command, check=True, capture_output=True, timeout=120)
     return ctypes.CDLL(str(library))
 
 

@@ -58,24 +58,13 @@ def project(layer, x):
     """
     if layer.quantization_mode is None or not layer.lora_enabled:
         return layer(x)
-    return _quantized_product(layer, x)
-
-
-def _quantized_product(layer, x):
-    """The quantized product by the layer's own call, plus the update
-    `einsum(x @ b.T, a)`."""
+    # The quantized product by the layer's own call, plus `einsum(x @ b.T, a)`.
     y = internals.call_without_lora(layer, x)
-    inputs, kernel, output = _equation_parts(layer)
+    operands, output = layer.equation.split("->")
+    inputs, kernel = operands.split(",")
     rank_label = next(c for c in "rzyxwvu" if c not in layer.equation)
     equation = f"{inputs[:-1]}{rank_label},{kernel[:-1]}{rank_label}->{output}"
     a = ops.cast(layer.lora_kernel_a, layer.compute_dtype)
     b = ops.cast(layer.lora_kernel_b, layer.compute_dtype)
     update = ops.einsum(equation, ops.matmul(ops.cast(x, b.dtype), ops.transpose(b)), a)
     return ops.cast(y + (layer.lora_alpha / layer.lora_rank) * update, layer.compute_dtype)
-
-
-def _equation_parts(layer):
-    """`(inputs, kernel, output)` labels of the layer's einsum equation."""
-    operands, output = layer.equation.split("->")
-    inputs, kernel = operands.split(",")
-    return inputs, kernel, output
