@@ -1,0 +1,1 @@
+"""Alignment: reward models, policy optimisation (RLOO, GRPO), DPO and their callbacks."""
