@@ -100,34 +100,25 @@ def read_config(preset):
     return directory, config, dtype
 
 
-def _loading_dtype(requested, saved):
-    """The dtype to build with: the caller's, else the one the preset was saved
-    in (as keras-hub does: Gemma's published presets are bfloat16)."""
-    if requested is not None:
-        return requested
-    if saved in ("float32", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16"):
-        return saved
-    return None
+_SAVED_DTYPES = ("float32", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
 
 
-def _backbone_from(cls, directory, config, load_weights, dtype, **kwargs):
+def _backbone_from(cls, directory, config, saved_dtype, load_weights, dtype, **kwargs):
+    """`cls` in `dtype`, else in the dtype the preset was saved in (as
+    keras-hub does: Gemma's published presets are bfloat16)."""
+    layout = _layout_module(directory)
+    quantization_mode = layout.read_quantization_mode(directory)
+    if dtype is None and saved_dtype in _SAVED_DTYPES:
+        dtype = saved_dtype
     arguments = {**config.to_dict(), **kwargs}
     if dtype is not None:
         arguments["dtype"] = dtype
-    module = _layout_module(directory)
-    quantization_mode = None
-    if module is _keras_layout:
-        quantization_mode = _keras_layout.read_quantization_mode(directory)
-        if quantization_mode:
-            arguments["quantization_mode"] = quantization_mode
-
+    if quantization_mode:
+        arguments["quantization_mode"] = quantization_mode
     build = functools.partial(cls, **arguments)
     if not load_weights:
         return build()
-    if module is _keras_layout:
-        loaders, close = _keras_layout.weight_loaders(directory, config, quantization_mode)
-    else:
-        loaders, close = _hf_layout.weight_loaders(directory, config), lambda: None
+    loaders, close = layout.weight_loaders(directory, config, quantization_mode)
     try:
         return build_with_weights(build, loaders)
     finally:
@@ -141,8 +132,7 @@ def load_backbone(cls, preset, load_weights=True, dtype=None, **kwargs):
     for a quantized Keras preset, and `kwargs`.
     """
     directory, config, saved_dtype = read_config(preset)
-    dtype = _loading_dtype(dtype, saved_dtype)
-    return _backbone_from(cls, directory, config, load_weights, dtype, **kwargs)
+    return _backbone_from(cls, directory, config, saved_dtype, load_weights, dtype, **kwargs)
 
 
 def _tokenizer_from(cls, directory, vocabulary_size=None):
@@ -198,13 +188,12 @@ def load_causal_lm(cls, preset, load_weights=True, dtype=None, sequence_length=N
     backbone.
     """
     directory, config, saved_dtype = read_config(preset)
-    dtype = _loading_dtype(dtype, saved_dtype)
     preprocessor_cls = cls.preprocessor_cls
     # Tokenizer first: a mismatch fails before gigabytes of weights are read.
     tokenizer = _tokenizer_from(preprocessor_cls.tokenizer_cls, directory, config.vocabulary_size)
     preprocessor = _preprocessor_from(preprocessor_cls, directory, tokenizer, sequence_length)
-    backbone = _backbone_from(cls.backbone_cls, directory, config, load_weights, dtype, **kwargs)
-    return cls(backbone, preprocessor)
+    found = (directory, config, saved_dtype, load_weights, dtype)
+    return cls(_backbone_from(cls.backbone_cls, *found, **kwargs), preprocessor)
 
 
 # Saving. Every save writes a complete directory next to the target and

@@ -68,6 +68,11 @@ def read_config(directory):
     return config, data.get("torch_dtype") or data.get("dtype")
 
 
+def read_quantization_mode(directory):
+    """None: Hugging Face Gemma checkpoints hold float weights."""
+    return None
+
+
 def _open_weights(directory):
     directory = pathlib.Path(directory)
     if (directory / WEIGHTS_FILE).is_file():
@@ -96,8 +101,9 @@ def _open_weights(directory):
     )
 
 
-def weight_loaders(directory, config):
-    """Checks every tensor's shape, then returns `{our path: load()}`."""
+def weight_loaders(directory, config, quantization_mode=None):
+    """Checks every tensor's shape, then returns `{our path: load()}` and a
+    closer (nothing to close: each read opens its file)."""
     files = _open_weights(directory)
     table = huggingface_tensors(config)
     expected_shapes = config.weight_shapes()
@@ -116,7 +122,7 @@ def weight_loaders(directory, config):
         their_shape = mapped_shape(to_hf, expected_shapes[path])
         check_shape(name, their_shape, files[name].shape(name), directory)
         loaders[path] = lambda f=files[name], n=name, convert=from_hf: convert(f.read(n))
-    return loaders
+    return loaders, lambda: None
 
 
 def write(directory, backbone, tokenizer=None):
