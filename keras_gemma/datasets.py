@@ -234,9 +234,10 @@ class _JsonlFile:
                 line = f.readline()
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as error:
+                except (json.JSONDecodeError, UnicodeDecodeError) as error:
                     raise ValueError(
-                        f"{self.where(index)} is not valid JSON ({error}): {line[:80]!r}"
+                        f"{self.where(index)} is not valid JSON ({error}): {line[:80]!r}. "
+                        "JSON Lines hold one JSON object per line, in UTF-8."
                     ) from None
                 if not isinstance(record, dict):
                     raise ValueError(
@@ -286,10 +287,16 @@ class _CsvFile:
             header[0] = header[0].removeprefix("\ufeff")  # a UTF-8 byte order mark
             self.header = header
             start = lines.position
-            for row in reader:
-                if row:  # blank lines hold no record
-                    self.offsets.append(start)
-                start = lines.position
+            try:
+                for row in reader:
+                    if row:  # blank lines hold no record
+                        self.offsets.append(start)
+                    start = lines.position
+            except (csv.Error, UnicodeDecodeError) as error:
+                raise ValueError(
+                    f"{path!r}, line {_line_number(path, start)}: not readable as "
+                    f"UTF-8 CSV ({error})."
+                ) from None
 
     def __len__(self):
         return len(self.offsets)

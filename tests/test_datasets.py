@@ -383,18 +383,21 @@ def test_validation_data_from_a_file(tokenizer, tmp_path):
 
 
 def test_fit_on_text_and_conversations_from_files(tokenizer, tmp_path):
+    # One batch shape throughout (4 rows), so JAX compiles each step once.
     texts = [f"{p} {r}" for p, r in zip(*_pairs(8).values())]
     path = _write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
     lm = _lm(tokenizer)
     history = lm.fit(load_dataset(path), batch_size=4, epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2 and np.isfinite(history.history["loss"]).all()
     in_memory = lm.evaluate(texts, batch_size=4, verbose=0)
-    np.testing.assert_allclose(lm.evaluate(load_dataset(path), verbose=0), in_memory, rtol=1e-6)
-    chat = _write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in CONVERSATIONS * 3])
-    history = lm.fit(load_dataset(chat), batch_size=2, epochs=2, verbose=0)
+    loaded = lm.evaluate(load_dataset(path), batch_size=4, verbose=0)
+    np.testing.assert_allclose(loaded, in_memory, rtol=1e-6)
+    chat = _write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in CONVERSATIONS * 2])
+    history = lm.fit(load_dataset(chat), batch_size=4, epochs=2, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
-    in_memory = lm.evaluate({"messages": CONVERSATIONS * 3}, batch_size=2, verbose=0)
-    np.testing.assert_allclose(lm.evaluate(load_dataset(chat), verbose=0), in_memory, rtol=1e-6)
+    in_memory = lm.evaluate({"messages": CONVERSATIONS * 2}, batch_size=4, verbose=0)
+    loaded = lm.evaluate(load_dataset(chat), batch_size=4, verbose=0)
+    np.testing.assert_allclose(loaded, in_memory, rtol=1e-6)
 
 
 def test_fit_with_a_packing_preprocessor_packs_each_batch(tokenizer, tmp_path):
@@ -489,6 +492,12 @@ def test_bad_values_name_the_record(tmp_path):
         chat.read([1])
     with pytest.raises(TypeError, match=r"line 3: turn 0 of field 'messages' must be a dict"):
         chat.read([2])
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl', line 2 is not valid JSON.*in UTF-8"):
+        load_dataset(tmp_path / "latin1.jsonl").read([1])
+    (tmp_path / "latin1.csv").write_bytes(b"text\na\n\ncaf\xe9\n")
+    with pytest.raises(ValueError, match=r"latin1.csv', line 4: not readable as UTF-8 CSV"):
+        load_dataset(tmp_path / "latin1.csv")
     with open(tmp_path / "short.csv", "w") as f:
         f.write("prompt,response\na,b\nc\n")
     with pytest.raises(ValueError, match=r"short.csv', line 3 has 1 values but the header names 2"):
