@@ -1,19 +1,15 @@
 """Model-parallel layouts for `GemmaBackbone` under `keras.distribution` (JAX).
 
-Each big matrix is split along the model axis of the device mesh on the first
-axis in its preference list that the model axis divides: heads first
-(Megatron-style, so attention stays local to a device), then the hidden or
-feed-forward axis. An axis the mesh dimension does not divide is never
-sharded: Gemma 2B has a single key/value head, so its key/value kernels
-`[1, head_dim, hidden]` shard along `hidden` instead (the bug that keeps
-keras-hub's layout from loading 2B model-parallel). Norm scales and LoRA
-adapters are small and replicated; weights are replicated across the data
-(batch) axis, which carries the batch.
-
-Without a config (keras-hub's `GemmaBackbone.get_layout_map(mesh)`, set before
-`from_preset`) each matrix gets the first preferred axis that the model axis
-divides in every Gemma 1 preset, else is replicated, so one layout loads any
-preset; a config gives the best layout for that model.
+Each big matrix is split over the mesh's model axis along the first axis in
+its preference list that the model axis divides: heads first (Megatron-style,
+so attention stays local to a device), then the hidden or feed-forward axis.
+An axis the model axis does not divide is never sharded: Gemma 2B's
+key/value kernels `[1, head_dim, hidden]` shard along `hidden` (keras-hub's
+layout splits the size-1 head axis and fails).
+Norm scales and LoRA adapters are replicated, and so are all weights across
+the data (batch) axis. Without a config (keras-hub's
+`GemmaBackbone.get_layout_map(mesh)`, set before `from_preset`) the layout
+fits every Gemma 1 preset; a config gives the best layout for that model.
 
 Example:
 >>> import keras

@@ -158,11 +158,8 @@ class _H5Weights:
             names = [WEIGHTS_FILE]
         elif (directory / SHARDED_WEIGHTS_FILE).is_file():
             weight_map = read_json(directory / SHARDED_WEIGHTS_FILE).get("weight_map", {})
-            names = []
-            for value in weight_map.values():
-                for name in value if isinstance(value, list) else [value]:
-                    if name not in names:
-                        names.append(name)
+            listed = [v if isinstance(v, list) else [v] for v in weight_map.values()]
+            names = list(dict.fromkeys(name for group in listed for name in group))
         else:
             raise FileNotFoundError(
                 f"Missing weights in {directory}: expected {WEIGHTS_FILE} (or sharded "
@@ -201,9 +198,8 @@ def weight_loaders(directory, config, quantization_mode=None):
     try:
         loaders = {}
         shapes = config.weight_shapes(quantization_mode)
-        for path, (_, to_theirs, from_theirs) in keras_hub_tensors(
-            config, quantization_mode
-        ).items():
+        tensors = keras_hub_tensors(config, quantization_mode)
+        for path, (_, to_theirs, from_theirs) in tensors.items():
             key = h5_dataset(path)
             dataset = weights.dataset(key)
             their_shape = mapped_shape(to_theirs, shapes[path])
@@ -242,29 +238,23 @@ def _serialized(module, class_name, config):
     }
 
 
-def _policy(name):
-    return {
-        "module": "keras",
-        "class_name": "DTypePolicy",
-        "config": {"name": name},
-        "registered_name": None,
+def _layer(module, class_name, dtype, **config):
+    """A serialized keras-hub layer, named after its module as keras-hub names it."""
+    policy = {"module": "keras", "class_name": "DTypePolicy", "config": {"name": dtype}}
+    config = {
+        "name": module,
+        "trainable": True,
+        "dtype": {**policy, "registered_name": None},
+        **config,
     }
+    return _serialized(module, class_name, config)
 
 
 def backbone_json(config, dtype, quantization_mode=None):
-    return _serialized(
-        "gemma_backbone",
-        "GemmaBackbone",
-        {
-            "name": "gemma_backbone",
-            "trainable": True,
-            "dtype": _policy(dtype),
-            **config.to_dict(),
-            **_GEMMA1_OPTIONS,
-            "sliding_window_size": 4096,
-            **({"quantization_mode": quantization_mode} if quantization_mode else {}),
-        },
-    )
+    options = {**config.to_dict(), **_GEMMA1_OPTIONS, "sliding_window_size": 4096}
+    if quantization_mode:
+        options["quantization_mode"] = quantization_mode
+    return _layer("gemma_backbone", "GemmaBackbone", dtype, **options)
 
 
 def _backbone_json(backbone):
@@ -273,36 +263,28 @@ def _backbone_json(backbone):
 
 
 def tokenizer_json():
-    return _serialized(
+    return _layer(
         "gemma_tokenizer",
         "GemmaTokenizer",
-        {
-            "name": "gemma_tokenizer",
-            "trainable": True,
-            "dtype": _policy("int32"),
-            "config_file": TOKENIZER_FILE,
-            "proto": None,
-            "sequence_length": None,
-            "add_bos": False,
-            "add_eos": False,
-        },
+        "int32",
+        config_file=TOKENIZER_FILE,
+        proto=None,
+        sequence_length=None,
+        add_bos=False,
+        add_eos=False,
     )
 
 
 def preprocessor_json(preprocessor):
-    return _serialized(
+    return _layer(
         "gemma_causal_lm_preprocessor",
         "GemmaCausalLMPreprocessor",
-        {
-            "name": "gemma_causal_lm_preprocessor",
-            "trainable": True,
-            "dtype": _policy("float32"),
-            "tokenizer": tokenizer_json(),
-            "config_file": PREPROCESSOR_FILE,
-            "sequence_length": preprocessor.sequence_length,
-            "add_start_token": preprocessor.add_start_token,
-            "add_end_token": preprocessor.add_end_token,
-        },
+        "float32",
+        tokenizer=tokenizer_json(),
+        config_file=PREPROCESSOR_FILE,
+        sequence_length=preprocessor.sequence_length,
+        add_start_token=preprocessor.add_start_token,
+        add_end_token=preprocessor.add_end_token,
     )
 
 
@@ -334,9 +316,8 @@ def write_backbone(directory, backbone):
             file.create_group(f"{block}/attention/vars").attrs["name"] = "attention"
             for group, attr in _EMPTY_BLOCK_GROUPS.items():
                 file.create_group(f"{block}/{group}/vars").attrs["name"] = attr
-        for path, (_, to_theirs, _) in keras_hub_tensors(
-            backbone.config, quantization_mode
-        ).items():
+        tensors = keras_hub_tensors(backbone.config, quantization_mode)
+        for path, (_, to_theirs, _) in tensors.items():
             key = h5_dataset(path)
             group_name, index = key.rsplit("/", 1)
             group = file.require_group(group_name)
