@@ -266,6 +266,8 @@ def test_hugging_face_sources(tmp_path):
     assert _all(load_dataset(splits, split="test").batches(2)) == ["c"]
     with pytest.raises(ValueError, match=r"splits \['train', 'test'\]: pick one with `split=`"):
         load_dataset(splits)
+    with pytest.raises(TypeError, match="Load without `streaming=True`"):
+        load_dataset(texts.to_iterable_dataset())
     bad = datasets.Dataset.from_dict({"text": ["a", None]})
     with pytest.raises(TypeError, match=r"row 1 \(counting from 0\): field 'text' must be a str"):
         load_dataset(bad).batches(2)[0]
