@@ -327,21 +327,15 @@ def _read_proto(proto):
 
 
 def _load_processor(proto):
-    # Empty bytes parse as an empty protobuf, which SentencePiece accepts
-    # as a model with no pieces, so reject it before it gets that far.
-    if not proto:
-        raise ValueError("`proto` is empty; expected a serialized SentencePiece model.")
+    # Empty bytes would parse as a model with no pieces (and log an error).
     try:
-        processor = sentencepiece.SentencePieceProcessor(model_proto=proto)
+        processor = sentencepiece.SentencePieceProcessor(model_proto=proto) if proto else None
     except RuntimeError:
+        processor = None
+    if processor is None or processor.get_piece_size() == 0:
         raise ValueError(
-            f"`proto` ({len(proto)} bytes) is not a valid SentencePiece "
-            "model: it could not be parsed as a SentencePiece ModelProto."
-        ) from None
-    if processor.get_piece_size() == 0:
-        raise ValueError(
-            "`proto` parsed as a SentencePiece model with no pieces; "
-            "expected a trained SentencePiece vocabulary."
+            f"`proto` ({len(proto)} bytes) is not a trained SentencePiece model: it could "
+            "not be parsed as a SentencePiece ModelProto with pieces."
         )
     return processor
 

@@ -15,9 +15,7 @@ class GemmaFeedForward(keras.layers.Layer):
     quantized.
 
     Kernels are stored `[out, in]`, as Hugging Face and PyTorch store them
-    (keras-hub stores `[in, out]`; `weight_names` transposes on the way):
-    PyTorch's kernels and XLA's CPU matrix-vector products read that layout
-    as stored, where `[in, out]` made XLA keep float32 copies of the weights.
+    (keras-hub's `[in, out]` made XLA keep float32 copies of the weights on CPU).
 
     Example:
     >>> import numpy as np
@@ -42,20 +40,16 @@ class GemmaFeedForward(keras.layers.Layer):
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
         branch_dim = self.intermediate_dim // 2
+        mode = self.projection_quantization_mode
 
         def dense(name, equation, output_dim):
             return projection(
-                equation,
-                (None, output_dim),
-                self.kernel_initializer,
-                self.dtype_policy,
-                name,
-                self.projection_quantization_mode,
+                equation, (None, output_dim), self.kernel_initializer, self.dtype_policy, name, mode
             )
 
-        self.ffw_gating = dense("ffw_gating", "btd,fd->btf", branch_dim)
+        self.ffw_gating = dense("ffw_gating", "btd,fd->btf", branch_dim)  # [batch, seq, f]
         self.ffw_gating_2 = dense("ffw_gating_2", "btd,fd->btf", branch_dim)
-        self.ffw_linear = dense("ffw_linear", "btf,df->btd", hidden_dim)
+        self.ffw_linear = dense("ffw_linear", "btf,df->btd", hidden_dim)  # [batch, seq, hidden]
         self.ffw_gating.build(input_shape)
         self.ffw_gating_2.build(input_shape)
         self.ffw_linear.build((None, None, branch_dim))
