@@ -1,28 +1,32 @@
-"""The main job: build a small Gemma, generate, fine-tune on the bundled
-instruction data for about a minute, and generate again.
+"""The main job: load the small Gemma our toy pipeline trained, ask it held-out
+questions, stream an answer, then teach it something new with LoRA.
 
-    KERAS_BACKEND=jax python training/demo.py [--seconds 60]
+    KERAS_BACKEND=jax python training/demo.py [--seconds 60] [--preset DIR]
 
-The model starts from random weights (no downloads here), so its first
-answers are noise; after supervised fine-tuning on `training/data/tiny_sft.jsonl`
-in Gemma's chat format it answers in the data's style.
+The preset (`presets/toy_gemma`, made by `training/toy_pipeline.py --stage 1`;
+its README has the command) was pretrained from scratch on checkable toy
+tasks and fine-tuned in Gemma's turn format. The demo asks it questions it
+never saw in training, with the task checker's verdict beside each answer,
+streams one answer token by token, then LoRA-tunes it for about a minute on
+a task it has never seen (the largest of a few numbers) and asks again.
 """
 
 import argparse
-import json
 import pathlib
+import sys
 import time
 
 import keras
 
-import keras_gemma
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PROMPTS = ["What color is a banana?", "What is 2 plus 3?", "Translate dog to French."]
+# A plain checkout runs without installing: the package and the task module.
+sys.path[:0] = [str(ROOT), str(ROOT / "training")]
 
+import toy_tasks  # noqa: E402
 
-def chat_turn(prompt):
-    return f"<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+import keras_gemma  # noqa: E402
+
+PRESET = ROOT / "presets" / "toy_gemma"
 
 
 class StopAfter(keras.callbacks.Callback):
@@ -35,61 +39,65 @@ class StopAfter(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.start = time.perf_counter()
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_train_batch_end(self, batch, logs=None):
         if time.perf_counter() - self.start > self.seconds:
             self.model.stop_training = True
 
 
-def show(lm, title):
+def prompt(question):
+    return keras_gemma.format_turns([("user", question)])
+
+
+def ask(lm, examples, title):
+    """Answers `examples` greedily and prints each with the checker's verdict."""
     print(f"\n== {title}")
-    batch = lm.preprocessor.generate_preprocess([chat_turn(p) for p in PROMPTS], 48)
-    outputs = lm.generate(batch)
-    answers = lm.preprocessor.generate_postprocess(
-        outputs, strip_lengths=batch["padding_mask"].sum(axis=1)
-    )
-    new_tokens = outputs["padding_mask"].sum(axis=1) - batch["padding_mask"].sum(axis=1)
-    for prompt, answer, count in zip(PROMPTS, answers, new_tokens):
-        print(f"  {prompt!r:34} -> {answer.strip()!r} ({count} tokens)")
+    answers = lm.generate([prompt(e["question"]) for e in examples], strip_prompt=True)
+    right = 0
+    for example, answer in zip(examples, answers):
+        correct = toy_tasks.check(example["task"], example["question"], answer)
+        right += correct
+        mark = "right" if correct else f"wrong, expected {example['answer']}"
+        print(f"  {example['question']:58} -> {answer.strip():14} ({mark})")
+    print(f"  {right}/{len(examples)} right")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=60.0, help="fine-tuning budget")
+    parser.add_argument("--seconds", type=float, default=60.0, help="LoRA fine-tuning budget")
+    parser.add_argument("--preset", default=str(PRESET), help="preset directory or name")
     args = parser.parse_args()
     keras.utils.set_random_seed(0)
 
-    tokenizer = keras_gemma.GemmaTokenizer(ROOT / "presets" / "tiny" / "vocabulary.spm")
-    backbone = keras_gemma.GemmaBackbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=1,
-        hidden_dim=128,
-        intermediate_dim=512,
-        head_dim=32,
-    )
-    preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, sequence_length=48)
-    lm = keras_gemma.GemmaCausalLM(backbone, preprocessor)
-    print(f"backend={keras.config.backend()}  parameters={backbone.count_params():,}")
-    lm.compile(optimizer=keras.optimizers.AdamW(3e-3, weight_decay=0.01))
-    show(lm, "before fine-tuning (random weights)")
+    lm = keras_gemma.GemmaCausalLM.from_preset(args.preset)
+    print(f"backend={keras.config.backend()}  parameters={lm.backbone.count_params():,}")
 
-    rows = [json.loads(line) for line in (ROOT / "training/data/tiny_sft.jsonl").open()]
+    # The pipeline's held-out questions (same seed and sizes), never trained on.
+    _, heldout = toy_tasks.make_splits(4000, 50, seed=0)
+    ask(lm, heldout[::25], "held-out questions")
+
+    question = heldout[3]["question"]
+    print(f"\n== streaming: {question}\n  ", end="")
+    for piece in lm.generate_stream(prompt(question)):
+        print(piece, end="", flush=True)
+    print()
+
+    # Something new: the largest of a few numbers, a task absent from training.
+    train, new_heldout = toy_tasks.make_splits(3000, 10, seed=1, tasks=toy_tasks.NEW_TASKS)
+    ask(lm, new_heldout, "a new task, before LoRA")
+    lm.backbone.enable_lora(rank=4)
+    lm.compile(optimizer=keras.optimizers.Adam(3e-3))
     data = {
-        "prompts": [chat_turn(r["prompt"]) for r in rows],
-        "responses": [r["response"] + "<end_of_turn>" for r in rows],
+        "prompts": [prompt(e["question"]) for e in train],
+        "responses": [e["answer"] + "<end_of_turn>" for e in train],
     }
     start = time.perf_counter()
-    history = lm.fit(
-        data, batch_size=16, epochs=1000, verbose=0, callbacks=[StopAfter(args.seconds)]
-    )
-    losses = history.history["loss"]
+    history = lm.fit(data, batch_size=32, epochs=1, verbose=0, callbacks=[StopAfter(args.seconds)])
+    steps = lm.optimizer.iterations.numpy()
     print(
-        f"\nfine-tuned {len(losses)} epochs in {time.perf_counter() - start:.0f}s: "
-        f"loss {losses[0]:.2f} -> {losses[-1]:.2f}, "
-        f"token accuracy {history.history['accuracy'][-1]:.0%}"
+        f"\nLoRA rank 4: {steps} steps in {time.perf_counter() - start:.0f}s, "
+        f"loss {history.history['loss'][-1]:.3f}"
     )
-    show(lm, "after fine-tuning")
+    ask(lm, new_heldout, "the new task, after LoRA")
 
 
 if __name__ == "__main__":

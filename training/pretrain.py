@@ -85,7 +85,8 @@ def rows_to_batch(rows):
     return x, rows[:, 1:], np.ones(rows[:, 1:].shape, "float32")
 
 
-def main(argv=None):
+def main(argv=None, callbacks=()):
+    """Runs the recipe; `callbacks` are extra Keras callbacks for `fit` (tests use them)."""
     args = parse_args(argv)
     preset = args.output / "preset"
     if (preset / "model.weights.h5").exists():
@@ -120,7 +121,9 @@ def main(argv=None):
         cluster.world_size,
     )
     start = time.perf_counter()
-    recipe_common.fit_resumable(lm, batches, args.output, args.steps, cluster, verbose=args.verbose)
+    recipe_common.fit_resumable(
+        lm, batches, args.output, args.steps, cluster, args.verbose, callbacks
+    )
     print(f"pretraining took {time.perf_counter() - start:.0f}s (this run)")
     if cluster.is_chief:
         lm.save_to_preset(preset)

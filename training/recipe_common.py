@@ -5,17 +5,21 @@ Not a script. The recipes import it as a sibling module (`python
 training/sft.py` puts `training/` on the path), and it must be imported
 before Keras so that `--backend` can still choose the backend.
 
-Resuming. Keras 3.15's `BackupAndRestore` restores the weights, the optimizer
-and the epoch number, but not the position inside an epoch: a run killed
-mid-epoch restarts that epoch from its first batch. So the recipes use short
-"epochs" of `--steps-per-epoch` steps, back up at every epoch end, and draw
-batch `i` of epoch `e` as a pure function of `(seed, e, i)` (`StepBatches`).
-A rerun after a kill then replays exactly the steps an uninterrupted run
-takes after the last backup, and ends with the same weights.
+Resuming. Keras 3.15's `BackupAndRestore` does not fit: it restores the
+epoch number but not the position inside an epoch (a run killed mid-epoch
+restarts that epoch from its first batch), and it saves through
+`save_weights`, where an `EinsumDense` with LoRA stores its merged kernel and
+reloads with zeroed adapters, so LoRA runs could not resume at all.
+`EpochBackup` saves the trainable variables and the optimizer's state at
+every epoch end (atomically, to one `.npz`), and `fit_resumable` restores
+them and passes the epoch to `fit(initial_epoch=...)`. The recipes use short
+"epochs" of `--steps-per-epoch` steps and draw batch `i` of epoch `e` as a
+pure function of `(seed, e, i)` (`StepBatches`), so a rerun after a kill
+replays exactly the steps an uninterrupted run takes after the last backup
+and ends with the same weights.
 """
 
 import csv
-import math
 import os
 import pathlib
 import shutil
@@ -289,6 +293,55 @@ class StepTimer(keras.callbacks.Callback):
             logs["seconds"] = round(time.perf_counter() - self._start, 3)
 
 
+class EpochBackup(keras.callbacks.Callback):
+    """Saves what training changes at each epoch end, for `restore_backup`.
+
+    Trainable variables (frozen base weights are reloaded from their preset,
+    so a LoRA backup holds only the adapters) and the optimizer's variables,
+    step counter included, go to `directory/backup.npz` with the number of
+    epochs done; the file is replaced atomically, so a kill while writing
+    leaves the previous backup intact.
+    """
+
+    def __init__(self, directory):
+        super().__init__()
+        self.path = pathlib.Path(directory) / "backup.npz"
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"epochs_done": np.asarray(epoch + 1)}
+        for prefix, variables in _backed_up_variables(self.model):
+            for i, variable in enumerate(variables):
+                arrays[f"{prefix}_{i}"] = keras.ops.convert_to_numpy(variable.value)
+        temporary = self.path.with_name("backup.tmp.npz")
+        np.savez(temporary, **arrays)
+        os.replace(temporary, self.path)
+
+
+def _backed_up_variables(model):
+    return (("model", model.trainable_variables), ("optimizer", model.optimizer.variables))
+
+
+def restore_backup(model, directory):
+    """Loads an `EpochBackup` into `model`; returns the epochs already done (0 if none)."""
+    path = pathlib.Path(directory) / "backup.npz"
+    if not path.exists():
+        return 0
+    with np.load(path) as arrays:
+        for prefix, variables in _backed_up_variables(model):
+            for i, variable in enumerate(variables):
+                value = arrays[f"{prefix}_{i}"]
+                if tuple(value.shape) != tuple(variable.shape):
+                    raise SystemExit(
+                        f"{path} does not match this model ({variable.path}: "
+                        f"{value.shape} vs {variable.shape}); delete it or use the same flags."
+                    )
+                variable.assign(value)
+        epochs_done = int(arrays["epochs_done"])
+    print(f"resuming from {path} after epoch {epochs_done}")
+    return epochs_done
+
+
 def fit_resumable(lm, batches, output, total_steps, cluster, verbose=1, extra_callbacks=()):
     """Runs `lm.fit` for `total_steps`, resuming from `output/backup`.
 
@@ -300,7 +353,7 @@ def fit_resumable(lm, batches, output, total_steps, cluster, verbose=1, extra_ca
     """
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    epochs = math.ceil(total_steps / batches.steps_per_epoch)
+    epochs = total_steps // batches.steps_per_epoch
     if epochs * batches.steps_per_epoch != total_steps:
         raise SystemExit(
             f"--steps ({total_steps}) must be a multiple of --steps-per-epoch "
@@ -308,17 +361,24 @@ def fit_resumable(lm, batches, output, total_steps, cluster, verbose=1, extra_ca
         )
     backup = output / "backup" / f"rank{cluster.rank}"
     log = output / "log.csv"
-    if not backup.exists() and log.exists() and cluster.is_chief:
+    # The optimizer's variables must exist before a backup can fill them.
+    lm.optimizer.build(lm.trainable_variables)
+    initial_epoch = restore_backup(lm, backup)
+    if initial_epoch == 0 and log.exists() and cluster.is_chief:
         log.unlink()  # A fresh start: the old log belongs to another run.
-    callbacks = [EpochSetter(batches), *cluster.callbacks(), StepTimer()]
-    # Restore before anything else sees the epoch, back up before logging.
-    callbacks.insert(0, keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False))
+    callbacks = [EpochSetter(batches), *cluster.callbacks(), StepTimer(), EpochBackup(backup)]
     if cluster.is_chief:
+        # After the backup, so a logged epoch is always a restorable one.
         callbacks.append(keras.callbacks.CSVLogger(str(log), append=True))
     callbacks.extend(extra_callbacks)
-    # BackupAndRestore needs a built model and optimizer before `fit`.
-    lm.optimizer.build(lm.trainable_variables)
-    history = lm.fit(batches, epochs=epochs, shuffle=False, verbose=verbose, callbacks=callbacks)
+    history = lm.fit(
+        batches,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        shuffle=False,
+        verbose=verbose,
+        callbacks=callbacks,
+    )
     if cluster.is_chief:
         plot_curves(log, output / "curves.png")
     return history

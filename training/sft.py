@@ -107,7 +107,8 @@ def load_model(args):
     return keras_gemma.GemmaCausalLM.from_preset(args.preset, **kwargs)
 
 
-def main(argv=None):
+def main(argv=None, callbacks=()):
+    """Runs the recipe; `callbacks` are extra Keras callbacks for `fit` (tests use them)."""
     args = parse_args(argv)
     preset = args.output / "preset"
     if (preset / "model.weights.h5").exists():
@@ -138,7 +139,9 @@ def main(argv=None):
         cluster.world_size,
     )
     start = time.perf_counter()
-    recipe_common.fit_resumable(lm, batches, args.output, args.steps, cluster, args.verbose)
+    recipe_common.fit_resumable(
+        lm, batches, args.output, args.steps, cluster, args.verbose, callbacks
+    )
     print(f"fine-tuning took {time.perf_counter() - start:.0f}s (this run)")
     if cluster.is_chief:
         if args.lora_rank:

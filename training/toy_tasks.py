@@ -3,10 +3,13 @@
 Five task families, phrased as questions, generated from a fixed seed:
 
     add      What is 347 + 85?                                   -> 432
-    sub      What is 712 - 358?                                  -> 354
+    sub      What is 712 - 58?                                   -> 654
     sort     Sort from smallest to largest: 42 7 19 3            -> 3 7 19 42
     reverse  Reverse the order of the words: cat sun tree        -> tree sun cat
     count    How many times does the letter r appear in "strawberry"? -> 3
+
+and one more, `max` (Which number is the largest: 42 7 19 -> 42), kept out of
+the pipeline's data so the demo can teach it as something new.
 
 `check(task, question, answer)` says whether an answer is right and
 `score(task, question, answer)` grades it in [0, 1] (1.0 when right, partial
@@ -27,6 +30,8 @@ import random
 import re
 
 TASKS = ("add", "sub", "sort", "reverse", "count")
+# Not in the pipeline's data: something new for the demo to teach with LoRA.
+NEW_TASKS = ("max",)
 
 # Short, common words whose letters give the counting task a spread of answers.
 WORDS = (
@@ -47,17 +52,19 @@ def _number(rng, max_digits):
 
 def make_example(task, rng):
     """One `{"task", "question", "answer"}` example of `task`, drawn from `rng`."""
+    # Sizes are set so that a small model learns each task within minutes on
+    # a CPU, yet not perfectly: stage 2 (RLHF) needs room to improve.
     if task == "add":
-        a, b = _number(rng, 3), _number(rng, 3)
+        a, b = _number(rng, 3), _number(rng, 2)
         question = f"What is {a} + {b}?"
     elif task == "sub":
-        a, b = sorted((_number(rng, 3), _number(rng, 3)), reverse=True)
+        a, b = sorted((_number(rng, 3), _number(rng, 2)), reverse=True)
         question = f"What is {a} - {b}?"
     elif task == "sort":
-        numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
+        numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 4))]
         question = "Sort from smallest to largest: " + " ".join(map(str, numbers))
     elif task == "reverse":
-        words = rng.sample(WORDS, rng.randint(2, 4))
+        words = rng.sample(WORDS, rng.randint(2, 3))
         question = "Reverse the order of the words: " + " ".join(words)
     elif task == "count":
         word = rng.choice(WORDS)
@@ -65,8 +72,11 @@ def make_example(task, rng):
         alphabet = "abcdefghijklmnopqrstuvwxyz"
         letter = rng.choice(word) if rng.random() < 0.8 else rng.choice(alphabet)
         question = f'How many times does the letter {letter} appear in "{word}"?'
+    elif task == "max":
+        numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
+        question = "Which number is the largest: " + " ".join(map(str, numbers))
     else:
-        raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+        raise ValueError(f"Unknown task {task!r}; expected one of {TASKS + NEW_TASKS}.")
     return {"task": task, "question": question, "answer": solve(task, question)}
 
 
@@ -78,6 +88,8 @@ def solve(task, question):
     if task == "sort":
         numbers = question.split(":", 1)[1].split()
         return " ".join(str(n) for n in sorted(int(n) for n in numbers))
+    if task == "max":
+        return str(max(int(n) for n in question.split(":", 1)[1].split()))
     if task == "reverse":
         return " ".join(reversed(question.split(":", 1)[1].split()))
     if task == "count":
@@ -85,7 +97,7 @@ def solve(task, question):
             r'How many times does the letter (\w) appear in "(\w+)"\?', question
         ).groups()
         return str(word.count(letter))
-    raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+    raise ValueError(f"Unknown task {task!r}; expected one of {TASKS + NEW_TASKS}.")
 
 
 def _normalize(answer):
@@ -108,7 +120,7 @@ def score(task, question, answer):
         return 1.0
     target = solve(task, question)
     given = _normalize(answer)
-    if task in ("add", "sub", "count"):
+    if task in ("add", "sub", "count", "max"):
         try:
             value = int(given)
         except ValueError:

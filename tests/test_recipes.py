@@ -1,0 +1,223 @@
+"""The training recipes in training/: a miniature of the stage-1 toy pipeline,
+each script's --help, the task checker, and resume after an interruption.
+
+The recipes run in this process (their `main(argv)`), on the backend the
+suite runs on, so each backend is covered by its own pytest run.
+"""
+
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+TRAINING = pathlib.Path(__file__).resolve().parents[1] / "training"
+sys.path.insert(0, str(TRAINING))
+
+import evaluate  # noqa: E402
+import pretrain  # noqa: E402
+import recipe_common  # noqa: E402
+import sft  # noqa: E402
+import toy_pipeline  # noqa: E402
+import toy_tasks  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+from keras_gemma import GemmaCausalLM  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """The tiny stage-1 pipeline, run once for the module."""
+    output = tmp_path_factory.mktemp("stage1")
+    summary = toy_pipeline.main(["--tiny", "--output", str(output), "--verbose", "0"])
+    return output, summary
+
+
+def test_miniature_pipeline_outputs(stage1):
+    output, summary = stage1
+    assert summary["backend"] == keras.config.backend()
+    table = (output / "table.md").read_text()
+    assert "| pretrained |" in table and "| sft |" in table and "| pretrain |" in table
+    for model in ("pretrained", "sft"):
+        tasks = summary[model]["tasks"]
+        assert set(tasks) == {*toy_tasks.TASKS, "all"}
+        assert all(0.0 <= t["exact_match"] <= 1.0 for t in tasks.values())
+        assert np.isfinite(summary[model]["perplexity"])
+    for run in ("pretrain", "sft"):
+        with open(output / run / "log.csv") as file:
+            rows = list(csv.DictReader(file))
+        assert [int(r["epoch"]) for r in rows] == [0, 1]  # 10 steps, 5 per epoch
+        assert all(np.isfinite(float(r["loss"])) for r in rows)
+        assert (output / run / "preset" / "model.weights.h5").is_file()
+        assert not (output / run / "backup").exists()  # removed once saved
+    assert (output / "tokenizer" / "vocabulary.spm").is_file()
+    predictions = toy_tasks.read_jsonl(output / "eval_sft" / "predictions.jsonl")
+    assert len(predictions) == 5 * 8
+    # Fine-tuning lowers the held-out loss even at this size.
+    assert summary["sft"]["perplexity"] < summary["pretrained"]["perplexity"]
+
+
+def test_rerun_after_completion_skips_training(stage1, capsys):
+    output, _ = stage1
+    preset = output / "sft" / "preset"
+    before = preset.joinpath("model.weights.h5").stat().st_mtime_ns
+    sft.main(
+        ["--preset", str(output / "pretrain" / "preset"), "--data",
+         str(output / "data" / "train.jsonl"), "--output", str(output / "sft")]
+    )  # fmt: skip
+    assert "fine-tuning is done" in capsys.readouterr().out
+    assert preset.joinpath("model.weights.h5").stat().st_mtime_ns == before
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises after `steps` training steps, as a kill would stop a run."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps, self.seen = steps, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.steps:
+            raise KeyboardInterrupt("interrupted for the test")
+
+
+def _weights(preset):
+    return [np.asarray(w) for w in GemmaCausalLM.from_preset(str(preset)).get_weights()]
+
+
+def _assert_same_weights(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_pretrain_resumes_after_interruption_to_the_same_weights(stage1, tmp_path):
+    output, _ = stage1
+
+    def argv(run):
+        return [
+            "--vocabulary", str(output / "tokenizer" / "vocabulary.spm"),
+            "--data", str(output / "data" / "pretrain.txt"), "--output", str(tmp_path / run),
+            "--num-layers", "1", "--hidden-dim", "16", "--intermediate-dim", "32",
+            "--num-query-heads", "2", "--head-dim", "8", "--sequence-length", "24",
+            "--steps", "6", "--steps-per-epoch", "2", "--batch-size", "4",
+            "--warmup-steps", "2", "--verbose", "0",
+        ]  # fmt: skip
+
+    pretrain.main(argv("straight"))
+    # Killed mid-epoch (step 5 of 6): the rerun restores the backup of step 4,
+    # replays step 5 and ends where the uninterrupted run ended.
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(argv("interrupted"), callbacks=[Interrupt(5)])
+    assert (tmp_path / "interrupted" / "backup").exists()
+    assert not (tmp_path / "interrupted" / "preset").exists()
+    pretrain.main(argv("interrupted"))
+    _assert_same_weights(
+        _weights(tmp_path / "straight" / "preset"), _weights(tmp_path / "interrupted" / "preset")
+    )
+    with open(tmp_path / "interrupted" / "log.csv") as file:
+        assert [int(r["epoch"]) for r in csv.DictReader(file)] == [0, 1, 2]
+
+
+def test_sft_with_lora_resumes_after_interruption_to_the_same_weights(stage1, tmp_path):
+    output, _ = stage1
+
+    def argv(run):
+        return [
+            "--preset", str(output / "pretrain" / "preset"), "--lora-rank", "2",
+            "--data", str(output / "data" / "train.jsonl"), "--output", str(tmp_path / run),
+            "--steps", "4", "--steps-per-epoch", "2", "--batch-size", "4",
+            "--warmup-steps", "1", "--sequence-length", "48", "--verbose", "0",
+        ]  # fmt: skip
+
+    sft.main(argv("straight"))
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(argv("interrupted"), callbacks=[Interrupt(3)])
+    sft.main(argv("interrupted"))
+    _assert_same_weights(
+        _weights(tmp_path / "straight" / "preset"), _weights(tmp_path / "interrupted" / "preset")
+    )
+    assert (tmp_path / "interrupted" / "adapter.lora.safetensors").is_file()
+
+
+def test_step_batches_depend_only_on_the_step():
+    examples = [str(i) for i in range(10)]
+    batches = recipe_common.StepBatches(examples, lambda batch: batch, 4, 3, seed=1)
+    first = [batches.indices(step).tolist() for step in range(6)]
+    # A fresh dataset, as after a restart, gives the same batches.
+    again = recipe_common.StepBatches(examples, lambda batch: batch, 4, 3, seed=1)
+    assert [again.indices(step).tolist() for step in reversed(range(6))] == first[::-1]
+    # Every pass over the data sees each example once.
+    stream = sum(first, [])
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    # Data parallel: the ranks' shares make up the global batch.
+    shares = [
+        recipe_common.StepBatches(examples, list, 4, 3, seed=1, rank=r, world_size=2).indices(2)
+        for r in (0, 1)
+    ]
+    assert np.concatenate(shares).tolist() == first[2]
+
+
+@pytest.mark.parametrize(
+    "module", [toy_tasks, train_tokenizer, pretrain, sft, evaluate, toy_pipeline]
+)
+def test_help(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        if module is toy_tasks:
+            module.main(["--help"])
+        else:
+            module.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_script_help_runs_standalone():
+    # Scripts run from a plain checkout: the task generator imports no Keras.
+    result = subprocess.run(
+        [sys.executable, str(TRAINING / "toy_tasks.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--heldout" in result.stdout
+
+
+def test_checker_and_reward():
+    train, heldout = toy_tasks.make_splits(50, 10, seed=3)
+    assert not {e["question"] for e in train} & {e["question"] for e in heldout}
+    assert train == toy_tasks.make_splits(50, 10, seed=3)[0]  # fixed seed
+    for example in train + heldout:
+        assert toy_tasks.check(example["task"], example["question"], example["answer"])
+        assert toy_tasks.score(example["task"], example["question"], example["answer"]) == 1.0
+    assert toy_tasks.check("add", "What is 12 + 30?", " 42. ")
+    assert not toy_tasks.check("add", "What is 12 + 30?", "43")
+    assert 0 < toy_tasks.score("add", "What is 12 + 30?", "43") < 0.5
+    assert toy_tasks.score("add", "What is 12 + 30?", "forty") == 0.0
+    question = "Sort from smallest to largest: 5 1 3"
+    assert toy_tasks.score("sort", question, "1 3 5") == 1.0
+    assert toy_tasks.score("sort", question, "1 5 3") == pytest.approx(0.5 / 3)
+    assert toy_tasks.solve("count", 'How many times does the letter r appear in "berry"?') == "2"
+
+
+def test_sft_reads_every_data_layout(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [
+        {"question": "Q1", "answer": "A1"},
+        {"prompt": "Q2", "response": "A2"},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Q3"},
+                      {"role": "assistant", "content": "A3"}]},
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = sft.read_sft_data(path)
+    assert data["prompts"][0] == "<start_of_turn>user\nQ1<end_of_turn>\n<start_of_turn>model\n"
+    assert data["responses"] == ["A1<end_of_turn>", "A2<end_of_turn>", "A3<end_of_turn>"]
+    assert data["prompts"][2].startswith("<start_of_turn>user\nBe brief.\n\nQ3<end_of_turn>")
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Q"}]}) + "\n")
+    with pytest.raises(ValueError, match="line 1: .* end on a model turn"):
+        sft.read_sft_data(path)
