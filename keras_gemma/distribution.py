@@ -133,10 +133,7 @@ def variable_axes(config, path, model_size, model_parallel_dim_name="model"):
 
 
 def get_layout_map(
-    config,
-    device_mesh,
-    model_parallel_dim_name="model",
-    data_parallel_dim_name="batch",
+    config, device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"
 ):
     """A `keras.distribution.LayoutMap` sharding a Gemma backbone's weights.
 

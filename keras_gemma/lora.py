@@ -90,12 +90,11 @@ def _validate_targets(target_layer_names):
 
 def lora_state(backbone):
     """`(rank, lora_alpha, targets)` of the enabled adapters, or `None`."""
-    targets = tuple(
-        t for t in LORA_TARGETS if _projection(backbone.transformer_layers[0], t).lora_enabled
-    )
+    block = backbone.transformer_layers[0]
+    targets = tuple(t for t in LORA_TARGETS if _projection(block, t).lora_enabled)
     if not targets:
         return None
-    layer = _projection(backbone.transformer_layers[0], targets[0])
+    layer = _projection(block, targets[0])
     return layer.lora_rank, float(layer.lora_alpha), targets
 
 

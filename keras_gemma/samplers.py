@@ -165,11 +165,11 @@ class _SeededSampler(Sampler):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
-    def _categorical(self, probabilities):
-        """One draw per row, `[batch]` int32."""
+    def _categorical(self, probabilities, ids=None):
+        """One draw per row, `[batch]`: the index drawn, or its entry of `ids`."""
         logits = ops.log(ops.maximum(probabilities, 1e-30))
         sample = keras.random.categorical(logits, 1, seed=self.seed_generator, dtype="int32")
-        return sample[:, 0]
+        return sample[:, 0] if ids is None else ops.take_along_axis(ids, sample, axis=-1)[:, 0]
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
@@ -206,9 +206,7 @@ class TopKSampler(_SeededSampler):
 
     def get_next_token(self, probabilities):
         k = min(self.k, probabilities.shape[-1])
-        top_probabilities, top_indices = ops.top_k(probabilities, k=k)
-        choice = self._categorical(top_probabilities)
-        return ops.take_along_axis(top_indices, choice[:, None], axis=-1)[:, 0]
+        return self._categorical(*ops.top_k(probabilities, k=k))
 
     def get_config(self):
         return {**super().get_config(), "k": self.k}
@@ -244,8 +242,7 @@ class TopPSampler(_SeededSampler):
         # token is therefore always kept.
         mass_before = ops.cumsum(sorted_probabilities, axis=-1) - sorted_probabilities
         kept = ops.where(mass_before < self.p, sorted_probabilities, 0.0)
-        choice = self._categorical(kept)
-        return ops.take_along_axis(sorted_indices, choice[:, None], axis=-1)[:, 0]
+        return self._categorical(kept, sorted_indices)
 
     def get_config(self):
         return {**super().get_config(), "p": self.p, "k": self.k}

@@ -127,10 +127,8 @@ class _Projection:
 
     def __call__(self, x):
         if self.quantized:
-            y = _int8_linear(x, self.kernel, self.scale)
-        else:
-            y = _linear(x, self.kernel)
-        return self.add_lora(x, y)
+            return self.add_lora(x, _int8_linear(x, self.kernel, self.scale))
+        return self.add_lora(x, _linear(x, self.kernel))
 
     def add_lora(self, x, y):
         """`y`, the product of `x`, plus the LoRA update of `x` if any."""
@@ -167,9 +165,8 @@ class _Projections:
             [p.kernel for p in self.projections], [p.scale for p in self.projections]
         )
         self.lora = any(p.lora is not None for p in self.projections)
-        self.chunked_max_rows = cpu_kernels.MAX_ROWS
-        if all(p.quantized for p in self.projections):
-            self.chunked_max_rows = _INT8_CHUNKED_MAX_ROWS
+        quantized = all(p.quantized for p in self.projections)
+        self.chunked_max_rows = _INT8_CHUNKED_MAX_ROWS if quantized else cpu_kernels.MAX_ROWS
 
     def __call__(self, x, norm=None, eps=None, up=None, residual=None):
         """The projections of `x`, of `_rms_norm(x, norm, eps)` with `norm`,
@@ -295,8 +292,7 @@ class Decoder:
 
     @torch.no_grad()
     def __init__(self, backbone):
-        config = backbone.config
-        self.config = config
+        self.config = config = backbone.config
         self.dtype = getattr(torch, backbone.compute_dtype)
         self.empty_cache = backbone.empty_cache
         embedding = backbone.token_embedding

@@ -170,11 +170,10 @@ def _preprocessor_from(cls, directory, tokenizer, sequence_length=None, **kwargs
     return cls(tokenizer, **kwargs)
 
 
-def load_preprocessor(cls, preset, sequence_length=None, **kwargs):
+def load_preprocessor(cls, preset, sequence_length=None, load_weights=None, dtype=None, **kwargs):
     """A `cls` (`GemmaCausalLMPreprocessor`) from a preset, with a
-    `cls.tokenizer_cls` tokenizer; `kwargs` go to `cls`."""
-    kwargs.pop("load_weights", None)
-    kwargs.pop("dtype", None)
+    `cls.tokenizer_cls` tokenizer; `kwargs` go to `cls` (`load_weights` and
+    `dtype`, which `from_preset` passes every class, do not apply)."""
     directory = resolve_preset(preset)
     tokenizer = load_tokenizer(cls.tokenizer_cls, directory)
     return _preprocessor_from(cls, directory, tokenizer, sequence_length, **kwargs)
