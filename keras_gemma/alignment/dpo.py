@@ -193,8 +193,6 @@ class GemmaDPO(keras.Model):
                 f"Preference data has {present[0]!r} but not its partner: give both "
                 f"{list(REFERENCE_FIELDS)} (from `precompute_reference_log_probs`) or neither."
             )
-        if not present and self.reference is None:
-            self._reference_log_probs(None, None, None)  # raises, naming the fix
         return data
 
     def preprocess(self, batch):
@@ -203,7 +201,10 @@ class GemmaDPO(keras.Model):
 
     def _batches(self, x, y, sample_weight, batch_size, shuffle):
         reject_labels(y, sample_weight)
-        return preference_batches(self._check(x), self.preprocess, batch_size, shuffle)
+        data = self._check(x)
+        if REFERENCE_FIELDS[0] not in data and self.reference is None:
+            self._reference_log_probs(None, None, None)  # raises, naming the fix
+        return preference_batches(data, self.preprocess, batch_size, shuffle)
 
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """`keras.Model.fit` on preference data (see `check_preferences`)."""
