@@ -161,11 +161,12 @@ class GemmaCausalLM(keras.Model):
         return ops.sum(ops.stack([loss / count, *map(ops.sum, self.losses)]))
 
     def _run_outputting_hidden(self, method, *args, **kwargs):
-        self._outputs_hidden = self._loss_from_hidden
+        # Restores the previous value: `fit` calls `evaluate` for validation.
+        previous, self._outputs_hidden = self._outputs_hidden, self._loss_from_hidden
         try:
             return method(*args, **kwargs)
         finally:
-            self._outputs_hidden = False
+            self._outputs_hidden = previous
 
     # Training and evaluation take raw text through the preprocessor.
 

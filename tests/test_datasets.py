@@ -369,11 +369,6 @@ def test_multi_epoch_fit_on_a_file_lowers_the_loss(tokenizer, tmp_path):
     assert after < 0.7 * before, (before, after)
 
 
-@pytest.mark.xfail(
-    keras.backend.backend() == "torch",
-    reason="causal_lm.py: the evaluate that fit runs for validation resets "
-    "_outputs_hidden, so later torch epochs find no loss (not load_dataset's)",
-)
 def test_validation_data_from_a_file(tokenizer, tmp_path):
     loaded = load_dataset(
         _dolly(tmp_path / "dolly.jsonl", _pairs(8)),
