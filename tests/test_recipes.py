@@ -7,6 +7,7 @@ suite runs on, so each backend is covered by its own pytest run.
 
 import csv
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -205,19 +206,56 @@ def test_checker_and_reward():
 
 
 def test_sft_reads_every_data_layout(tmp_path):
-    path = tmp_path / "data.jsonl"
-    rows = [
-        {"question": "Q1", "answer": "A1"},
-        {"prompt": "Q2", "response": "A2"},
-        {"messages": [{"role": "system", "content": "Be brief."},
-                      {"role": "user", "content": "Q3"},
-                      {"role": "assistant", "content": "A3"}]},
-    ]  # fmt: skip
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = sft.read_sft_data(path)
-    assert data["prompts"][0] == "<start_of_turn>user\nQ1<end_of_turn>\n<start_of_turn>model\n"
-    assert data["responses"] == ["A1<end_of_turn>", "A2<end_of_turn>", "A3<end_of_turn>"]
-    assert data["prompts"][2].startswith("<start_of_turn>user\nBe brief.\n\nQ3<end_of_turn>")
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Q"}]}) + "\n")
-    with pytest.raises(ValueError, match="line 1: .* end on a model turn"):
+    layouts = {
+        "toy": {"question": "Q1", "answer": "A1"},
+        "pairs": {"prompt": "Q1", "response": "A1"},
+        "chat": {"messages": [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "Q1"},
+                              {"role": "assistant", "content": "A1"}]},
+    }  # fmt: skip
+    for name, row in layouts.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        dataset = sft.read_sft_data(path)
+        (conversation,) = sft.as_conversations(dataset.read([0]))["messages"]
+        assert conversation[-1]["content"] == "A1"
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps({"text": "just text"}) + "\n")
+    with pytest.raises(ValueError, match="plain text"):
         sft.read_sft_data(path)
+
+
+def test_sft_packing_keeps_one_shape(stage1):
+    output, _ = stage1
+    lm = GemmaCausalLM.from_preset(str(output / "pretrain" / "preset"), sequence_length=64)
+    lm.preprocessor.packing = True
+    dataset = sft.read_sft_data(output / "data" / "train.jsonl")
+    rows = sft.row_count(lm.preprocessor, dataset, batch_size=16)
+    to_batch = sft.FixedRows(lm.preprocessor, rows)
+    for start in (0, 16, 32):
+        x, y, weights = to_batch(dataset.read(list(range(start, start + 16))))
+        assert x["token_ids"].shape == y.shape == weights.shape == (rows, 64)
+        assert x["padding_mask"][:, 0].all()  # no row attends to nothing
+    # The loss covers the model turns: fewer weighted tokens than real ones.
+    assert 0 < weights.sum() < x["padding_mask"].sum()
+    logits = lm(x)
+    assert np.isfinite(keras.ops.convert_to_numpy(logits)).all()
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="keras.distribution is JAX's")
+def test_sft_model_parallel_on_simulated_devices(stage1, tmp_path):
+    # A fresh process: the device count is fixed when JAX starts.
+    output, _ = stage1
+    result = subprocess.run(
+        [sys.executable, str(TRAINING / "sft.py"), "--backend", "jax", "--model-parallel", "2",
+         "--preset", str(output / "pretrain" / "preset"), "--lora-rank", "2",
+         "--data", str(output / "data" / "train.jsonl"), "--output", str(tmp_path),
+         "--steps", "2", "--steps-per-epoch", "1", "--batch-size", "8", "--verbose", "0",
+         "--sequence-length", "48"],
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "preset" / "model.weights.h5").is_file()

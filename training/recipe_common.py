@@ -184,8 +184,9 @@ class StepBatches(keras.utils.PyDataset):
     contiguous share of every global batch.
 
     Args:
-        examples: a list of strings, or a dict of equal-length lists (e.g.
-            `{"prompts", "responses"}`), as the preprocessor takes them.
+        examples: a list of strings, a dict of equal-length lists (e.g.
+            `{"prompts", "responses"}`), or a `keras_gemma.load_dataset`
+            dataset of files (read by index).
         preprocessor: turns a batch of examples into `(x, y, sample_weight)`.
         batch_size: the global batch size.
         steps_per_epoch: batches per Keras epoch.
@@ -202,7 +203,9 @@ class StepBatches(keras.utils.PyDataset):
                 f"The batch size {batch_size} must divide by the {world_size} processes."
             )
         self.examples = examples
-        self.size = len(next(iter(examples.values())) if isinstance(examples, dict) else examples)
+        self.size = (
+            len(next(iter(examples.values()))) if isinstance(examples, dict) else len(examples)
+        )
         if self.size == 0:
             raise ValueError("No training examples.")
         self.preprocessor = preprocessor
@@ -231,12 +234,15 @@ class StepBatches(keras.utils.PyDataset):
         return np.array([self._order(p // self.size)[p % self.size] for p in positions])
 
     def __getitem__(self, index):
-        indices = self.indices(self.epoch * self.steps_per_epoch + index)
+        return self.preprocessor(self.read(self.indices(self.epoch * self.steps_per_epoch + index)))
+
+    def read(self, indices):
+        """The raw examples at `indices`, as one batch."""
+        if hasattr(self.examples, "read"):
+            return self.examples.read([int(i) for i in indices])
         if isinstance(self.examples, dict):
-            batch = {k: [v[i] for i in indices] for k, v in self.examples.items()}
-        else:
-            batch = [self.examples[i] for i in indices]
-        return self.preprocessor(batch)
+            return {k: [v[i] for i in indices] for k, v in self.examples.items()}
+        return [self.examples[i] for i in indices]
 
 
 class EpochSetter(keras.callbacks.Callback):

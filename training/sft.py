@@ -18,8 +18,11 @@ Usage:
     {"messages": [{"role": "user", "content": "Q"}, {"role": "model", "content": "A"}]}
     {"prompt": "Q", "response": "A"}       {"question": "Q", "answer": "A"}
 
-Each example is formatted with Gemma's template (`keras_gemma.format_turns`);
-the loss covers the final model turn and its `<end_of_turn>`, not the prompt.
+(or CSV/Parquet, read with `keras_gemma.load_dataset`; other field names
+with `--prompt-field`/`--response-field`/`--messages-field`). Each example is
+written in Gemma's turn format by the preprocessor, with the loss on the
+model turns (each with its `<end_of_turn>`) only; a prompt/response pair is
+one user turn and one model turn. `--packing` packs short examples together.
 With `--lora-rank`, only rank-r adapters train; they are saved to
 `adapter.lora.safetensors` and merged into `preset/`. Writes `preset/`,
 `log.csv`, `curves.png` into `--output`; rerunning after a kill resumes from
@@ -27,7 +30,6 @@ the last epoch's backup and ends with the same weights.
 """
 
 import argparse
-import json
 import pathlib
 import time
 
@@ -51,53 +53,104 @@ def parse_args(argv=None):
         help="comma-separated projections that get adapters (with --lora-rank)",
     )
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the preset's)")
+    parser.add_argument(
+        "--packing",
+        action="store_true",
+        help="pack several examples into each row of --sequence-length (attention and "
+        "positions stay per example); --batch-size still counts examples",
+    )
+    parser.add_argument("--prompt-field", help="the data's prompt field (default: inferred)")
+    parser.add_argument("--response-field", help="the data's response field")
+    parser.add_argument("--messages-field", help="the data's conversation field")
     return parser.parse_args(argv)
 
 
-ROLES = {"user": "user", "model": "model", "assistant": "model", "system": "system"}
+def as_conversations(batch):
+    """A raw batch from `load_dataset` as `{"messages": ...}` in turn form.
 
-
-def conversation_turns(row, line_number):
-    """`(role, text)` turns of one JSONL example, whatever its layout."""
-    if "messages" in row:
-        turns = [(ROLES.get(m.get("role")), m.get("content")) for m in row["messages"]]
-        if any(role is None for role, _ in turns):
-            raise ValueError(f"line {line_number}: a role is not user, model or assistant")
-        # Gemma has no system turn: its template folds one into the first user turn.
-        if turns and turns[0][0] == "system" and len(turns) > 1:
-            turns = [("user", f"{turns[0][1]}\n\n{turns[1][1]}")] + turns[2:]
-    elif "prompt" in row and "response" in row:
-        turns = [("user", row["prompt"]), ("model", row["response"])]
-    elif "question" in row and "answer" in row:
-        turns = [("user", row["question"]), ("model", row["answer"])]
-    else:
-        raise ValueError(
-            f"line {line_number}: expected 'messages', 'prompt'/'response' or "
-            f"'question'/'answer'; found {sorted(row)}"
-        )
-    if not turns or turns[-1][0] != "model":
-        raise ValueError(f"line {line_number}: the conversation must end on a model turn")
-    return turns
-
-
-def read_sft_data(path):
-    """A JSONL file as `{"prompts", "responses"}` in Gemma's turn format.
-
-    The prompt is every turn before the last model turn plus the opening of
-    the model's turn; the response is that turn's text and `<end_of_turn>`,
-    so the preprocessor puts the loss on the model's answer only.
+    Prompt/response pairs become one user turn and one model turn, so the
+    preprocessor writes them with Gemma's template and puts the loss on the
+    model turn (with its `<end_of_turn>`) only.
     """
-    prompts, responses = [], []
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            turns = conversation_turns(json.loads(line), line_number)
-            prompts.append(keras_gemma.format_turns(turns[:-1]))
-            responses.append(turns[-1][1] + "<end_of_turn>")
-    if not prompts:
-        raise ValueError(f"{path} has no examples.")
-    return {"prompts": prompts, "responses": responses}
+    if "messages" in batch:
+        return batch
+    if "prompts" in batch:
+        return {
+            "messages": [
+                [{"role": "user", "content": p}, {"role": "model", "content": r}]
+                for p, r in zip(batch["prompts"], batch["responses"])
+            ]
+        }
+    raise ValueError(
+        "SFT needs prompts and responses or conversations; this data is plain text "
+        "(use pretrain.py, or name the fields with --prompt-field/--response-field)."
+    )
+
+
+def read_sft_data(path, prompt_field=None, response_field=None, messages_field=None):
+    """`keras_gemma.load_dataset` over a JSONL/CSV/Parquet file, read by index.
+
+    Without field names, `messages`, then `prompt`/`response`, then
+    `question`/`answer` (the toy tasks' layout) are looked for.
+    """
+    fields = {}
+    if prompt_field or response_field or messages_field:
+        fields = {
+            "prompt_field": prompt_field,
+            "response_field": response_field,
+            "messages_field": messages_field,
+        }
+    try:
+        dataset = keras_gemma.load_dataset(str(path), **fields)
+    except ValueError:
+        if fields:
+            raise
+        dataset = keras_gemma.load_dataset(
+            str(path), prompt_field="question", response_field="answer"
+        )
+    if dataset.kind == "text":
+        as_conversations({})  # raises the error that names the fix
+    return dataset
+
+
+class FixedRows:
+    """Preprocesses a batch and pads or trims it to `rows` rows.
+
+    With packing the number of rows varies with the examples' lengths; a
+    fixed shape keeps one compiled train step on JAX and TensorFlow. Rows
+    beyond `rows` (rare, with the margin `row_count` leaves) are dropped.
+    """
+
+    def __init__(self, preprocessor, rows):
+        self.preprocessor, self.rows = preprocessor, rows
+
+    def __call__(self, batch):
+        x, y, weights = self.preprocessor(as_conversations(batch))
+        if self.rows is None:
+            return x, y, weights
+
+        def fit(array):
+            array = array[: self.rows]
+            padding = [(0, self.rows - len(array))] + [(0, 0)] * (array.ndim - 1)
+            return np.pad(array, padding)  # zeros: <pad> ids, no loss weight
+
+        missing = self.rows - len(y)
+        x, y, weights = {k: fit(v) for k, v in x.items()}, fit(y), fit(weights)
+        if missing > 0:
+            # An added row attends to one token, so it never takes a softmax
+            # over nothing (NaN); it carries no loss weight.
+            x["padding_mask"][-missing:, 0] = 1
+            if "segment_ids" in x:
+                x["segment_ids"][-missing:, 0] = 1
+        return x, y, weights
+
+
+def row_count(preprocessor, dataset, batch_size, sample=512):
+    """Packed rows that hold `batch_size` typical examples, with a 15% margin."""
+    batch = as_conversations(dataset.read(list(range(min(sample, len(dataset))))))
+    lengths = [len(ids) - 1 for ids, _ in preprocessor.tokenize_examples(batch)]
+    tokens = batch_size * sum(lengths) / len(lengths)
+    return int(np.ceil(1.15 * tokens / preprocessor.sequence_length)) + 1
 
 
 def load_model(args):
@@ -116,8 +169,12 @@ def main(argv=None, callbacks=()):
         return preset
     recipe_common.seed_everything(args.seed)
     cluster = recipe_common.setup_distribution(args.model_parallel)
-    data = read_sft_data(args.data)
+    data = read_sft_data(args.data, args.prompt_field, args.response_field, args.messages_field)
     lm = load_model(args)
+    rows = None
+    if args.packing:
+        lm.preprocessor.packing = True
+        rows = row_count(lm.preprocessor, data, args.batch_size)
     if args.lora_rank:
         lm.backbone.enable_lora(args.lora_rank, target_layer_names=args.lora_targets.split(","))
     lm.compile(
@@ -126,12 +183,12 @@ def main(argv=None, callbacks=()):
         )
     )
     print(
-        f"fine-tuning: {recipe_common.model_summary_line(lm)} examples={len(data['prompts'])} "
+        f"fine-tuning: {recipe_common.model_summary_line(lm)} examples={len(data)} "
         f"trainable={sum(int(np.prod(v.shape)) for v in lm.trainable_variables):,}"
     )
     batches = recipe_common.StepBatches(
         data,
-        lm.preprocessor,
+        FixedRows(lm.preprocessor, rows),
         args.batch_size,
         args.steps_per_epoch,
         args.seed,

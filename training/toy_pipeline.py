@@ -45,9 +45,10 @@ FULL = {
     "model": ["--num-layers", "4", "--hidden-dim", "128", "--intermediate-dim", "512",
               "--num-query-heads", "4", "--num-key-value-heads", "1", "--head-dim", "32"],
     "pretrain": ["--steps", "800", "--steps-per-epoch", "100", "--batch-size", "32",
-                 "--learning-rate", "2e-3", "--warmup-steps", "50"],
-    "sft": ["--steps", "600", "--steps-per-epoch", "100", "--batch-size", "32",
-            "--learning-rate", "1e-3", "--warmup-steps", "30"],
+                 "--learning-rate", "3e-3", "--warmup-steps", "50"],
+    "sft": ["--steps", "800", "--steps-per-epoch", "100", "--batch-size", "64",
+            "--learning-rate", "2e-3", "--warmup-steps", "30",
+            "--packing", "--sequence-length", "96"],
     "sequence_length": 48,
 }  # fmt: skip
 
@@ -61,7 +62,8 @@ TINY = {
     "pretrain": ["--steps", "10", "--steps-per-epoch", "5", "--batch-size", "8",
                  "--learning-rate", "3e-3", "--warmup-steps", "2"],
     "sft": ["--steps", "10", "--steps-per-epoch", "5", "--batch-size", "8",
-            "--learning-rate", "3e-3", "--warmup-steps", "2"],
+            "--learning-rate", "3e-3", "--warmup-steps", "2",
+            "--packing", "--sequence-length", "64"],
     "sequence_length": 48,
 }  # fmt: skip
 
@@ -84,7 +86,8 @@ def run_stage1(args):
     sizes = TINY if args.tiny else FULL
     out = args.output
     seed = ["--seed", str(args.seed)]
-    common = ["--sequence-length", str(sizes["sequence_length"]), "--verbose", str(args.verbose)]
+    common = ["--verbose", str(args.verbose)]
+    length = ["--sequence-length", str(sizes["sequence_length"])]
     times, results = {}, {}
 
     def timed(name, function, *arguments):
@@ -112,7 +115,8 @@ def run_stage1(args):
         "pretrain",
         pretrain.main,
         ["--vocabulary", str(vocabulary), "--data", str(data["pretrain"]),
-         "--output", str(out / "pretrain"), *sizes["model"], *sizes["pretrain"], *common, *seed],
+         "--output", str(out / "pretrain"), *sizes["model"], *sizes["pretrain"], *length,
+         *common, *seed],
     )  # fmt: skip
     evaluation = ["--tasks", str(data["heldout"]), "--text", str(data["heldout_text"])]
     results["pretrained"] = timed(
