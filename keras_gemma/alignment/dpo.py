@@ -12,6 +12,7 @@ from keras_gemma.alignment.policy import score_completions
 from keras_gemma.alignment.reward_model import check_preferences
 from keras_gemma.alignment.reward_model import default_optimizer
 from keras_gemma.alignment.reward_model import dropout_disabled
+from keras_gemma.alignment.reward_model import is_batched
 from keras_gemma.alignment.reward_model import preference_batch
 from keras_gemma.alignment.reward_model import preference_batches
 from keras_gemma.alignment.reward_model import reject_labels
@@ -201,13 +202,16 @@ class GemmaDPO(keras.Model):
 
     def _batches(self, x, y, sample_weight, batch_size, shuffle):
         reject_labels(y, sample_weight)
+        if is_batched(x):
+            return x
         data = self._check(x)
         if REFERENCE_FIELDS[0] not in data and self.reference is None:
             self._reference_log_probs(None, None, None)  # raises, naming the fix
         return preference_batches(data, self.preprocess, batch_size, shuffle)
 
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
-        """`keras.Model.fit` on preference data (see `check_preferences`)."""
+        """`keras.Model.fit` on preference data (see `check_preferences`), or on
+        batches of `preprocess` outputs (a `PyDataset` or `tf.data`)."""
         if not self.compiled:
             self.compile()
         lora.check_trainable_through_int8(self.policy.backbone)

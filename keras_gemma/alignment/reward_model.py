@@ -287,6 +287,12 @@ def reject_labels(y, sample_weight):
         )
 
 
+def is_batched(x):
+    """Whether `x` already yields model inputs (a `PyDataset` or `tf.data`
+    pipeline, e.g. one mapping `model.preprocess` over preference batches)."""
+    return isinstance(x, keras.utils.PyDataset) or hasattr(x, "element_spec")
+
+
 def preference_batches(data, preprocess, batch_size, shuffle):
     """A `PyDataset` preprocessing checked preference data a batch at a time."""
     return PreprocessedBatches(data, preprocess, batch_size or 32, shuffle=bool(shuffle))
@@ -482,12 +488,15 @@ class GemmaRewardModel(keras.Model):
 
     def _preference_inputs(self, x, y, sample_weight, batch_size, shuffle):
         reject_labels(y, sample_weight)
+        if is_batched(x):
+            return x
         self._require_preprocessor("`fit`")
         data = check_preferences(x, ("margin",))
         return preference_batches(data, self.preprocess, batch_size, shuffle)
 
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
-        """`keras.Model.fit` on preference data (a dict, see `check_preferences`)."""
+        """`keras.Model.fit` on preference data (a dict, see `check_preferences`),
+        or on batches of `preprocess` outputs (a `PyDataset` or `tf.data`)."""
         if not self.compiled:
             self.compile()
         lora.check_trainable_through_int8(self.backbone)
