@@ -12,8 +12,12 @@ from keras_gemma import GemmaCausalLMPreprocessor
 from keras_gemma.alignment.dpo import GemmaDPO
 
 PAIRS = {
-    "prompts": ["What is 12 plus 30?", "What color is a banana?", "Translate cat to French.",
-                "Who flew to the Moon?"],
+    "prompts": [
+        "What is 12 plus 30?",
+        "What color is a banana?",
+        "Translate cat to French.",
+        "Who flew to the Moon?",
+    ],
     "chosen": ["42.", "A banana is yellow.", "chat", "3 astronauts."],
     "rejected": ["12.", "A banana is blue.", "dog", "A fox."],
 }

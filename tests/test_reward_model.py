@@ -17,8 +17,12 @@ from keras_gemma.tokenizer import train_sentencepiece
 
 # Separable: the chosen answer is always right, the rejected one wrong.
 PAIRS = {
-    "prompts": ["What is 12 plus 30?", "What color is a banana?", "Who flew to the Moon?",
-                "Translate cat to French."],
+    "prompts": [
+        "What is 12 plus 30?",
+        "What color is a banana?",
+        "Who flew to the Moon?",
+        "Translate cat to French.",
+    ],
     "chosen": ["42.", "A banana is yellow.", "3 astronauts.", "chat"],
     "rejected": ["12.", "A banana is blue.", "A fox.", "dog"],
 }
@@ -65,8 +69,10 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tokenizer):
     model = _model(tokenizer)
     model.reward_head.kernel.assign(np.random.default_rng(0).normal(size=(32, 1)))
     short = {"prompts": ["Hi"], "responses": ["A fox."]}
-    long = {"prompts": ["Hi", "What is 12 plus 30? Answer in full."],
-            "responses": ["A fox.", "12 plus 30 is 42, the answer."]}
+    long = {
+        "prompts": ["Hi", "What is 12 plus 30? Answer in full."],
+        "responses": ["A fox.", "12 plus 30 is 42, the answer."],
+    }
     alone = model.predict(short, verbose=0)
     batched = model.predict(long, verbose=0)
     assert_close(batched[0], alone[0], atol=1e-5)
@@ -74,17 +80,19 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tokenizer):
     # Right-padding length never matters.
     for length in (12, 40):
         tokens = model.preprocess_responses(short, sequence_length=length)
-        assert_close(model.compute_rewards(tokens["token_ids"], tokens["padding_mask"]),
-                     alone, atol=1e-5)
+        assert_close(
+            model.compute_rewards(tokens["token_ids"], tokens["padding_mask"]), alone, atol=1e-5
+        )
 
 
 def test_predict_returns_one_float_per_row(tokenizer):
     model = _model(tokenizer)
-    rewards = model.predict({"prompts": PAIRS["prompts"], "responses": PAIRS["chosen"]},
-                            verbose=0)
+    rewards = model.predict({"prompts": PAIRS["prompts"], "responses": PAIRS["chosen"]}, verbose=0)
     assert rewards.shape == (4,) and rewards.dtype == np.float32
-    conversations = [[{"role": "user", "content": p}, {"role": "model", "content": c}]
-                     for p, c in zip(PAIRS["prompts"], PAIRS["chosen"])]
+    conversations = [
+        [{"role": "user", "content": p}, {"role": "model", "content": c}]
+        for p, c in zip(PAIRS["prompts"], PAIRS["chosen"])
+    ]
     assert model.predict({"messages": conversations}, verbose=0).shape == (4,)
 
 
@@ -159,8 +167,11 @@ def test_dropout_is_off_in_fit_and_restored(tokenizer):
         ({"chosen": [], "rejected": []}, ValueError, "empty"),
         ({"chosen": "a", "rejected": "b"}, TypeError, "Wrap a single pair"),
         ({"chosen": ["a"], "rejected": ["b"], "margin": [float("nan")]}, ValueError, "finite"),
-        ({"chosen": [[{"role": "user", "content": "q"}]], "rejected": ["b"]}, TypeError,
-         "one format"),
+        (
+            {"chosen": [[{"role": "user", "content": "q"}]], "rejected": ["b"]},
+            TypeError,
+            "one format",
+        ),
     ],
 )
 def test_bad_preference_data_names_the_fix(data, error, message):

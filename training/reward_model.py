@@ -186,9 +186,7 @@ def main(argv=None, callbacks=()):
     print(f"training took {time.perf_counter() - start:.0f}s (this run)")
     if args.validation_data is not None:
         held_out = read_preference_data(args.validation_data)
-        metrics = model.evaluate(
-            held_out, batch_size=args.batch_size, verbose=0, return_dict=True
-        )
+        metrics = model.evaluate(held_out, batch_size=args.batch_size, verbose=0, return_dict=True)
         print("held-out: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if cluster.is_chief:
             (args.output / "validation.json").write_text(json.dumps(metrics, indent=2) + "\n")

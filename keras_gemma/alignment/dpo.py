@@ -264,4 +264,3 @@ class GemmaDPO(keras.Model):
             "GemmaDPO is a training wrapper and is not serialized: save the policy with "
             "`dpo.policy.save_to_preset(...)`."
         )
-
