@@ -36,12 +36,10 @@ class GemmaConfig:
                 raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
         if self.num_query_heads % self.num_key_value_heads:
             raise ValueError(
-                "`num_query_heads` must be a multiple of `num_key_value_heads` "
-                "(each key/value head serves a whole group of query heads). "
-                f"Received: num_query_heads={self.num_query_heads}, "
-                f"num_key_value_heads={self.num_key_value_heads}. Use "
-                "num_key_value_heads=1 for multi-query attention or "
-                "num_key_value_heads=num_query_heads for multi-head attention."
+                "`num_query_heads` must be a multiple of `num_key_value_heads` (1 for "
+                "multi-query attention, `num_query_heads` for multi-head). Received: "
+                f"num_query_heads={self.num_query_heads}, "
+                f"num_key_value_heads={self.num_key_value_heads}."
             )
         if self.intermediate_dim % 2:
             raise ValueError(

@@ -100,11 +100,7 @@ def compile_stateless(fn, model, whole_loop=True):
     if backend == "torch":
         import torch
 
-        def no_grad(*args):
-            with torch.no_grad():
-                return fn(*args)
-
-        return no_grad
+        return torch.no_grad()(fn)
     return fn
 
 
