@@ -8,8 +8,8 @@ Usage:
 
 `--tasks` is JSONL of `{"task", "question", "answer"}` (as `toy_tasks.py`
 writes): each question is answered by greedy generation, prompted in Gemma's
-turn format (`--format turns`, default) or as plain text followed by a space
-(`--format plain`, the pretraining format), and judged by
+turn format (`--format turns`, default) or as plain text
+(`--format plain`, the pretraining format: the question, then its answer), and judged by
 `toy_tasks.check`; `toy_tasks.score` gives the graded reward. `--text` is a
 text file, one document a line, whose perplexity (per predicted token) is
 reported. Writes `results.json`, `predictions.jsonl`, `log.csv` (one row per
@@ -53,7 +53,9 @@ def parse_args(argv=None):
 def prompt_for(question, prompt_format):
     if prompt_format == "turns":
         return keras_gemma.format_turns([("user", question)])
-    return question + " "
+    # No trailing space: the pretraining text's pieces carry their leading
+    # space ("▁pen"), so the model writes it as part of the answer.
+    return question
 
 
 def answer_questions(lm, questions, prompt_format="turns", batch_size=64, max_new_tokens=24):
@@ -66,7 +68,7 @@ def answer_questions(lm, questions, prompt_format="turns", batch_size=64, max_ne
         # Plain prompts have no end-of-turn to stop at, so they stop at <eos>
         # or a line break, as the pretraining text ends a document.
         outputs = lm.generate(prompts, max_length=longest + max_new_tokens, strip_prompt=True)
-        answers.extend(o.split("\n")[0] for o in outputs)
+        answers.extend(o.split("\n")[0].strip() for o in outputs)
     return answers
 
 

@@ -23,6 +23,7 @@ command that made it. Stage 2 (RLHF) continues from `DIR/sft/preset`.
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import shutil
@@ -88,13 +89,16 @@ def run_stage1(args):
     seed = ["--seed", str(args.seed)]
     common = ["--verbose", str(args.verbose)]
     length = ["--sequence-length", str(sizes["sequence_length"])]
-    times, results = {}, {}
+    times, cpu_times, results = {}, {}, {}
 
     def timed(name, function, *arguments):
-        start = time.perf_counter()
+        # CPU seconds (all threads) next to wall seconds: on a shared machine
+        # the wall time depends on what else runs.
+        start, cpu = time.perf_counter(), time.process_time()
         print(f"\n=== {name}", flush=True)
         value = function(*arguments)
         times[name] = time.perf_counter() - start
+        cpu_times[name] = time.process_time() - cpu
         return value
 
     data = timed(
@@ -135,10 +139,10 @@ def run_stage1(args):
         evaluate.main,
         ["--preset", str(tuned), "--output", str(out / "eval_sft"), *evaluation],
     )
-    return times, results, tuned
+    return times, cpu_times, results, tuned
 
 
-def format_table(times, results, backend, total):
+def format_table(times, cpu_times, results, backend, total):
     tasks = [t for t in results["sft"]["tasks"] if t != "all"] + ["all"]
     lines = [
         f"Stage 1, backend {backend}, {platform.processor() or platform.machine()}, "
@@ -151,8 +155,12 @@ def format_table(times, results, backend, total):
         row = results[name]
         cells = [f"{row['tasks'][t]['exact_match']:.0%}" for t in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['perplexity']:.2f} |")
-    lines += ["", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in times.items()]
+    lines += ["", "| stage | wall seconds | CPU seconds |", "|---|---|---|"]
+    lines += [f"| {n} | {s:.0f} | {cpu_times[n]:.0f} |" for n, s in times.items()]
+    lines.append(f"| total | {total:.0f} | {sum(cpu_times.values()):.0f} |")
+    load = os.getloadavg()
+    lines += ["", f"load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / "
+              f"{load[2]:.1f} on {os.cpu_count()} CPUs"]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -179,12 +187,19 @@ def main(argv=None):
         suffix = "-tiny" if args.tiny else ""
         args.output = recipe_common.REPO_ROOT / "training" / "runs" / f"stage1-{backend}{suffix}"
     start = time.perf_counter()
-    times, results, tuned = run_stage1(args)
+    times, cpu_times, results, tuned = run_stage1(args)
     total = time.perf_counter() - start
-    table = format_table(times, results, backend, total)
+    table = format_table(times, cpu_times, results, backend, total)
     print("\n" + table)
     (args.output / "table.md").write_text(table + "\n")
-    summary = {"backend": backend, "seconds": times, "total_seconds": total, **results}
+    summary = {
+        "backend": backend,
+        "seconds": times,
+        "cpu_seconds": cpu_times,
+        "total_seconds": total,
+        "load_average": os.getloadavg(),
+        **results,
+    }
     (args.output / "table.json").write_text(json.dumps(summary, indent=1))
     if args.save_preset:
         command = f"KERAS_BACKEND={backend} .venv/bin/python training/toy_pipeline.py " + " ".join(
