@@ -71,29 +71,27 @@ class GemmaConfig:
         d, h = self.hidden_dim, self.head_dim
         n, kv = self.num_query_heads, self.num_key_value_heads
         f = self.intermediate_dim // 2
-        # Keras keeps each int8 kernel's scale in the shape of its outputs.
         scales = quantization_mode == "int8"
         shapes = {"token_embedding/embeddings": (self.vocabulary_size, d)}
         if scales:
             shapes["token_embedding/embeddings_scale"] = (self.vocabulary_size,)
+        kernels = {  # `[out, in]`: see `GemmaAttention` and `GemmaFeedForward`.
+            "attention/query": (n, h, d),
+            "attention/key": (kv, h, d),
+            "attention/value": (kv, h, d),
+            "attention/attention_output": (d, n * h),
+            "feed_forward/ffw_gating": (f, d),
+            "feed_forward/ffw_gating_2": (f, d),
+            "feed_forward/ffw_linear": (d, f),
+        }
         for i in range(self.num_layers):
             block = f"decoder_block_{i}"
-            kernels = {
-                # `[out, in]`: see `GemmaAttention` and `GemmaFeedForward`.
-                "attention/query": ((n, h, d), (1, 1, n, h)),
-                "attention/key": ((kv, h, d), (1, 1, kv, h)),
-                "attention/value": ((kv, h, d), (1, 1, kv, h)),
-                "attention/attention_output": ((d, n * h), (1, 1, d)),
-                "feed_forward/ffw_gating": ((f, d), (1, 1, f)),
-                "feed_forward/ffw_gating_2": ((f, d), (1, 1, f)),
-                "feed_forward/ffw_linear": ((d, f), (1, 1, d)),
-            }
             shapes[f"{block}/pre_attention_norm/scale"] = (d,)
             shapes[f"{block}/pre_ffw_norm/scale"] = (d,)
-            for name, (kernel, scale) in kernels.items():
+            for name, kernel in kernels.items():
                 shapes[f"{block}/{name}/kernel"] = kernel
-                if scales:
-                    shapes[f"{block}/{name}/kernel_scale"] = scale
+                if scales:  # Keras keeps an int8 kernel's scale in its outputs' shape.
+                    shapes[f"{block}/{name}/kernel_scale"] = (1, 1, *kernel[:-1])
         shapes["final_normalization/scale"] = (d,)
         return shapes
 

@@ -48,9 +48,8 @@ def initialize(backend=None):
     import torch
 
     if not dist.is_initialized():
-        missing = [
-            k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ
-        ]
+        required = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        missing = [name for name in required if name not in os.environ]
         if missing:
             raise RuntimeError(
                 f"Missing {missing} in the environment: launch with `torchrun "
