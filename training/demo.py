@@ -71,8 +71,11 @@ def main():
     lm = keras_gemma.GemmaCausalLM.from_preset(args.preset)
     print(f"backend={keras.config.backend()}  parameters={lm.backbone.count_params():,}")
 
-    # The pipeline's held-out questions (same seed and sizes), never trained on.
-    _, heldout = toy_tasks.make_splits(4000, 50, seed=0)
+    # The held-out questions the pipeline saved with the preset: never trained on.
+    heldout_path = pathlib.Path(args.preset) / "heldout.jsonl"
+    if not heldout_path.exists():  # a preset given by name: use the shipped copy
+        heldout_path = PRESET / "heldout.jsonl"
+    heldout = toy_tasks.read_jsonl(heldout_path)
     ask(lm, heldout[::25], "held-out questions")
 
     question = heldout[3]["question"]

@@ -41,6 +41,8 @@ from recipe_common import keras
 # The full stage 1, tuned to finish in under 10 minutes on a 2-core CPU.
 FULL = {
     "train_per_task": 4000,
+    # Arithmetic is the hardest to generalise; it gets twice the examples.
+    "train_scale": {"add": 2, "sub": 2},
     "heldout_per_task": 50,
     "vocabulary_size": 512,
     "model": ["--num-layers", "4", "--hidden-dim", "128", "--intermediate-dim", "512",
@@ -108,6 +110,8 @@ def run_stage1(args):
         sizes["train_per_task"],
         sizes["heldout_per_task"],
         args.seed,
+        toy_tasks.TASKS,
+        sizes.get("train_scale"),
     )
     vocabulary = timed(
         "tokenizer",
@@ -164,18 +168,24 @@ def format_table(times, cpu_times, results, backend, total):
     return "\n".join(lines)
 
 
-def save_preset(tuned, destination, command, table):
-    """Copies the SFT preset and writes a README with the command that made it."""
+def save_preset(tuned, destination, command, table, heldout):
+    """Copies the SFT preset, its held-out questions, and a README with the
+    command that made it."""
     if destination.exists():
         shutil.rmtree(destination)
     shutil.copytree(tuned, destination)
+    # The questions training never saw travel with the model, for the demo
+    # and for stage 2.
+    shutil.copy(heldout, destination / "heldout.jsonl")
     (destination / "README.md").write_text(
         "# toy_gemma: a small Gemma trained by the toy pipeline, stage 1\n\n"
         "Pretrained from scratch on checkable toy tasks (addition, subtraction, sorting,\n"
         "reversing words, counting letters; `training/toy_tasks.py`), then fine-tuned in\n"
         "Gemma's turn format. Made by this command, from the repository root:\n\n"
         f"```bash\n{command}\n```\n\n"
-        "Load it with `keras_gemma.GemmaCausalLM.from_preset(<this directory>)`.\n\n"
+        "Load it with `keras_gemma.GemmaCausalLM.from_preset(<this directory>)`.\n"
+        "`heldout.jsonl` holds the held-out questions (never trained on) that the\n"
+        "table below measures; `training/toy_tasks.py` checks answers to them.\n\n"
         f"{table}\n"
     )
 
@@ -205,7 +215,7 @@ def main(argv=None):
         command = f"KERAS_BACKEND={backend} .venv/bin/python training/toy_pipeline.py " + " ".join(
             sys.argv[1:] if argv is None else argv
         )
-        save_preset(tuned, args.save_preset, command, table)
+        save_preset(tuned, args.save_preset, command, table, args.output / "data" / "heldout.jsonl")
         print(f"saved the SFT model to {args.save_preset}")
     return summary
 

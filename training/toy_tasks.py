@@ -2,9 +2,9 @@
 
 Five task families, phrased as questions, generated from a fixed seed:
 
-    add      What is 347 + 85?                                   -> 432
-    sub      What is 712 - 58?                                   -> 654
-    sort     Sort from smallest to largest: 42 7 19 3            -> 3 7 19 42
+    add      What is 47 + 85?                                    -> 132
+    sub      What is 72 - 58?                                    -> 14
+    sort     Sort from smallest to largest: 42 7 19              -> 7 19 42
     reverse  Reverse the order of the words: cat sun tree        -> tree sun cat
     count    How many times does the letter r appear in "strawberry"? -> 3
 
@@ -21,6 +21,7 @@ tokenizer.txt, the vocabulary's corpus):
 
     python training/toy_tasks.py --output training/data/toy [--train 4000]
         [--heldout 50] [--seed 0] [--tasks add,sub,sort,reverse,count]
+        [--train-scale add=2,sub=2]
 """
 
 import argparse
@@ -55,13 +56,13 @@ def make_example(task, rng):
     # Sizes are set so that a small model learns each task within minutes on
     # a CPU, yet not perfectly: stage 2 (RLHF) needs room to improve.
     if task == "add":
-        a, b = _number(rng, 3), _number(rng, 2)
+        a, b = _number(rng, 2), _number(rng, 2)
         question = f"What is {a} + {b}?"
     elif task == "sub":
-        a, b = sorted((_number(rng, 3), _number(rng, 2)), reverse=True)
+        a, b = sorted((_number(rng, 2), _number(rng, 2)), reverse=True)
         question = f"What is {a} - {b}?"
     elif task == "sort":
-        numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 4))]
+        numbers = [rng.randint(0, 99) for _ in range(3)]
         question = "Sort from smallest to largest: " + " ".join(map(str, numbers))
     elif task == "reverse":
         words = rng.sample(WORDS, rng.randint(2, 3))
@@ -132,8 +133,10 @@ def score(task, question, answer):
     return 0.5 * matches / max(len(expected), len(words))
 
 
-def make_splits(num_train, num_heldout, seed=0, tasks=TASKS):
+def make_splits(num_train, num_heldout, seed=0, tasks=TASKS, train_scale=None):
     """Train and held-out examples, `num_*` per task, disjoint by question.
+
+    `train_scale` multiplies some tasks' training share, e.g. `{"add": 2}`.
 
     Held-out questions are drawn first and every training question equal to
     one of them is skipped, so evaluation never sees a training question.
@@ -149,7 +152,8 @@ def make_splits(num_train, num_heldout, seed=0, tasks=TASKS):
                 heldout_questions.add(example["question"])
                 heldout.append(example)
         seen, count, attempts = set(heldout_questions), 0, 0
-        while count < num_train:
+        task_train = int(num_train * (train_scale or {}).get(task, 1))
+        while count < task_train:
             example = make_example(task, rng)
             attempts += 1
             question = example["question"]
@@ -189,11 +193,11 @@ def read_jsonl(path):
         return [json.loads(line) for line in file if line.strip()]
 
 
-def write_splits(output, num_train, num_heldout, seed=0, tasks=TASKS):
-    """Writes the four data files into `output`; returns their paths."""
+def write_splits(output, num_train, num_heldout, seed=0, tasks=TASKS, train_scale=None):
+    """Writes the data files into `output`; returns their paths."""
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    train, heldout = make_splits(num_train, num_heldout, seed, tasks)
+    train, heldout = make_splits(num_train, num_heldout, seed, tasks, train_scale)
     paths = {
         "train": output / "train.jsonl",
         "heldout": output / "heldout.jsonl",
@@ -223,9 +227,13 @@ def main(argv=None):
     parser.add_argument("--heldout", type=int, default=50, help="held-out examples per task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
+    parser.add_argument(
+        "--train-scale", default="", help="more training data for some tasks, e.g. add=2,sub=2"
+    )
     args = parser.parse_args(argv)
     tasks = tuple(t for t in args.tasks.split(",") if t)
-    paths = write_splits(args.output, args.train, args.heldout, args.seed, tasks)
+    scale = {k: float(v) for k, v in (p.split("=") for p in args.train_scale.split(",") if p)}
+    paths = write_splits(args.output, args.train, args.heldout, args.seed, tasks, scale)
     for name, path in paths.items():
         print(f"{name:13} {path}")
     return paths
