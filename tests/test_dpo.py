@@ -1,15 +1,26 @@
 """GemmaDPO: the loss against a hand computation, step 0, a short fit, the reference."""
 
+import json
+import sys
+
 import keras
 import numpy as np
 import pytest
 from conftest import make_backbone
 from helpers import assert_close
 from helpers import to_numpy
+from test_reward_model import TRAINING
+from test_reward_model import Interrupt
+from test_reward_model import recipe_argv
+from test_reward_model import write_recipe_inputs
 
 from keras_gemma import GemmaCausalLM
 from keras_gemma import GemmaCausalLMPreprocessor
 from keras_gemma.alignment.dpo import GemmaDPO
+
+sys.path.insert(0, str(TRAINING))
+
+import dpo as recipe  # noqa: E402  (training/dpo.py)
 
 PAIRS = {
     "prompts": [
@@ -120,3 +131,21 @@ def test_bad_input_names_the_fix(tokenizer):
         dpo.fit({**PAIRS, "reference_chosen_logps": [0.0] * 4}, verbose=0)
     with pytest.raises(ValueError, match="Unknown preference data keys"):
         dpo.fit({**PAIRS, "margin": [0.0] * 4}, verbose=0)
+
+
+@pytest.mark.slow(reason="two short recipe runs")
+def test_recipe_resumes_after_a_kill_and_saves_the_policy(tokenizer, tmp_path):
+    preset, data = write_recipe_inputs(tokenizer, tmp_path)
+    argv = recipe_argv(preset, data, tmp_path / "dpo") + ["--reference", "precompute"]
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(argv, callbacks=[Interrupt(3)])
+    saved = recipe.main(argv)
+    log = (tmp_path / "dpo" / "log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in log[1:]] == ["0", "1"]
+    assert "rewards/accuracies" in log[0]
+    validation = json.loads((tmp_path / "dpo" / "validation.json").read_text())
+    assert np.isfinite(validation["loss"])
+    assert (tmp_path / "dpo" / "adapter.lora.safetensors").is_file()
+    assert GemmaCausalLM.from_preset(saved).backbone.num_layers == 2
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--help"])

@@ -1,5 +1,9 @@
 """GemmaRewardModel: Bradley–Terry training, where the reward is read, presets, bad input."""
 
+import json
+import pathlib
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -14,6 +18,11 @@ from keras_gemma.alignment.reward_model import GemmaRewardModel
 from keras_gemma.alignment.reward_model import check_preferences
 from keras_gemma.alignment.reward_model import check_same_tokenizer
 from keras_gemma.tokenizer import train_sentencepiece
+
+TRAINING = pathlib.Path(__file__).resolve().parents[1] / "training"
+sys.path.insert(0, str(TRAINING))
+
+import reward_model as recipe  # noqa: E402  (training/reward_model.py)
 
 # Separable: the chosen answer is always right, the rejected one wrong.
 PAIRS = {
@@ -96,7 +105,7 @@ def test_predict_returns_one_float_per_row(tokenizer):
     assert model.predict({"messages": conversations}, verbose=0).shape == (4,)
 
 
-def test_conversations_train(tokenizer):
+def test_conversations_end_with_end_of_turn_then_eos(tokenizer):
     def conversation(prompt, reply):
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
 
@@ -110,8 +119,7 @@ def test_conversations_train(tokenizer):
     last = mask.sum(axis=1) - 1
     assert (ids[np.arange(4), last] == tokenizer.end_token_id).all()
     assert (ids[np.arange(4), last - 1] == tokenizer.end_of_turn_id).all()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3))
-    assert np.isfinite(model.fit(data, batch_size=4, verbose=0).history["loss"]).all()
+    # Conversations share the rest of the path (fit, predict) with plain text.
 
 
 def test_preset_round_trip_gives_equal_rewards(tokenizer, tmp_path):
@@ -194,3 +202,84 @@ def test_different_tokenizers_are_refused(tokenizer, vocab_proto):
     other = GemmaTokenizer(train_sentencepiece(["the lazy dog jumps over the fox"] * 50, 300))
     with pytest.raises(ValueError, match="differs from the policy's"):
         check_same_tokenizer(model, other)
+
+
+# The recipe, training/reward_model.py.
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises after `steps` training steps, as a kill would stop a run."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps, self.seen = steps, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.steps:
+            raise KeyboardInterrupt("interrupted for the test")
+
+
+def write_recipe_inputs(tokenizer, directory):
+    """A tiny causal-LM preset and a JSONL file of pairs in both layouts."""
+    lm = GemmaCausalLM(make_backbone("mqa", seed=0), GemmaCausalLMPreprocessor(tokenizer, 48))
+    lm.save_to_preset(directory / "preset")
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in zip(*PAIRS.values())]
+    rows.append({
+        "chosen": [{"role": "user", "content": "Hi"}, {"role": "model", "content": "Hello!"}],
+        "rejected": [{"role": "user", "content": "Hi"}, {"role": "model", "content": "No."}],
+    })  # fmt: skip
+    data = directory / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory / "preset", data
+
+
+def recipe_argv(preset, data, output):
+    return [
+        "--preset", str(preset), "--data", str(data), "--validation-data", str(data),
+        "--output", str(output), "--lora-rank", "2", "--steps", "4", "--steps-per-epoch", "2",
+        "--batch-size", "4", "--warmup-steps", "1", "--sequence-length", "32",
+        "--learning-rate", "1e-2", "--verbose", "0",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow(reason="two short recipe runs")
+def test_recipe_resumes_after_a_kill_and_saves_a_reward_model(tokenizer, tmp_path):
+    argv = recipe_argv(*write_recipe_inputs(tokenizer, tmp_path), tmp_path / "rm")
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(argv, callbacks=[Interrupt(3)])
+    assert (tmp_path / "rm" / "backup").exists()
+    preset = recipe.main(argv)
+    log = (tmp_path / "rm" / "log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in log[1:]] == ["0", "1"]
+    assert "accuracy" in log[0] and "margin" in log[0]
+    assert 0.0 <= json.loads((tmp_path / "rm" / "validation.json").read_text())["accuracy"] <= 1
+    assert not (tmp_path / "rm" / "backup").exists()
+    rewards = GemmaRewardModel.from_preset(preset).predict(
+        {"prompts": ["Hi"], "responses": ["Hello!"]}, verbose=0
+    )
+    assert np.isfinite(rewards).all()
+
+
+def test_recipe_reads_pairs_and_names_bad_lines(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "Q", "chosen": "A", "rejected": "B", "margin": 1}) + "\n"
+        + json.dumps({"prompt": "R", "chosen": "C", "rejected": "D", "margin": 0.5}) + "\n"
+    )  # fmt: skip
+    data = recipe.read_preference_data(path)
+    assert data["prompts"][0] == "<start_of_turn>user\nQ<end_of_turn>\n<start_of_turn>model\n"
+    assert data["chosen"][0] == "A<end_of_turn>" and data["margin"] == [1.0, 0.5]
+    for row, message in [
+        ({"prompt": "Q", "chosen": "A"}, "line 1: a preference pair needs"),
+        ({"chosen": "A", "rejected": "B"}, "line 1: plain-text pairs need a 'prompt'"),
+        ({"chosen": [{"role": "user", "content": "Q"}, {"role": "model", "content": "A"}],
+          "rejected": [{"role": "user", "content": "P"}, {"role": "model", "content": "B"}]},
+         "share every turn but the last"),
+    ]:  # fmt: skip
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=message):
+            recipe.read_preference_data(path)
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.parse_args(["--help"])
+    assert exit_info.value.code == 0
