@@ -1,0 +1,104 @@
+"""Training speed: keras_gemma's `fit` step beside keras-hub's, same weights,
+same run, interleaved, on one backend per process.
+
+    python benchmarks/fit_speed.py                      # all three backends
+    python benchmarks/fit_speed.py --backend torch --rounds 5
+
+Config (from the project's issues): vocabulary 32000, 6 layers, 8 query heads,
+1 key/value head, hidden 512, intermediate 4096, head dim 64, float32; batch
+4 x 128 tokens. Modes: LoRA rank 4 on query/value, and full fine-tuning.
+Both models train with Adam (1e-4) on the same random tokens through
+`train_on_batch`, each with its default loss (ours: the chunked token-mean
+cross-entropy; keras-hub's: sparse cross-entropy over the full logits).
+Each round times `--steps` steps of ours, then of keras-hub's, after a
+warm-up step (compilation) each; tokens/s is the median over rounds.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from _machine import describe_cpu
+
+CONFIG = dict(
+    vocabulary_size=32000,
+    num_layers=6,
+    num_query_heads=8,
+    num_key_value_heads=1,
+    hidden_dim=512,
+    intermediate_dim=4096,
+    head_dim=64,
+)
+BATCH, LENGTH = 4, 128
+
+
+def _child(mode, rounds, steps):
+    import keras
+    import keras_hub
+    import numpy as np
+
+    from keras_gemma import GemmaBackbone
+    from keras_gemma import GemmaCausalLM
+    from keras_gemma.weight_names import assign_to_keras_hub
+
+    keras.utils.set_random_seed(0)
+    ours = GemmaBackbone(**CONFIG)
+    hub = keras_hub.models.GemmaBackbone(**CONFIG)
+    assign_to_keras_hub(ours, hub)
+    models = {"ours": GemmaCausalLM(ours), "keras_hub": keras_hub.models.GemmaCausalLM(hub)}
+    for lm in models.values():
+        if mode == "lora":
+            lm.backbone.enable_lora(rank=4)
+        lm.compile(optimizer=keras.optimizers.Adam(1e-4))
+    rng = np.random.default_rng(0)
+    x = {
+        "token_ids": rng.integers(3, 32000, (BATCH, LENGTH)).astype("int32"),
+        "padding_mask": np.ones((BATCH, LENGTH), "int32"),
+    }
+    y = rng.integers(3, 32000, (BATCH, LENGTH)).astype("int32")
+    weights = np.ones((BATCH, LENGTH), "float32")
+    for lm in models.values():
+        lm.train_on_batch(x, y, sample_weight=weights)  # compile
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, lm in models.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                lm.train_on_batch(x, y, sample_weight=weights)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: BATCH * LENGTH / statistics.median(t) for name, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["jax", "torch", "tensorflow"], action="append")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("@@" + json.dumps(_child(args.child, args.rounds, args.steps)))
+        return
+    print(describe_cpu())
+    print(f"{'backend':<11} {'mode':<5} {'ours tok/s':>11} {'keras-hub':>10} {'ratio':>6}")
+    for backend in args.backend or ["jax", "torch", "tensorflow"]:
+        for mode in ("lora", "full"):
+            env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
+            command = [sys.executable, __file__, "--child", mode]
+            command += ["--rounds", str(args.rounds), "--steps", str(args.steps)]
+            output = subprocess.run(command, env=env, capture_output=True, text=True)
+            lines = [line for line in output.stdout.splitlines() if line.startswith("@@")]
+            if not lines:
+                print(f"{backend:<11} {mode:<5} failed:\n{output.stderr[-2000:]}")
+                continue
+            result = json.loads(lines[-1][2:])
+            ours, hub = result["ours"], result["keras_hub"]
+            print(f"{backend:<11} {mode:<5} {ours:>11.0f} {hub:>10.0f} {ours / hub:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
