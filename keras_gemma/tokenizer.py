@@ -154,7 +154,7 @@ class GemmaTokenizer:
             A `str` for a 1-D input, or a `list[str]` for a 2-D input.
         """
         if isinstance(ids, (list, tuple)):
-            is_row = [_is_sequence(item) for item in ids]
+            is_row = [isinstance(x, (list, tuple)) or len(getattr(x, "shape", ())) > 0 for x in ids]
             if ids and all(is_row):
                 return [self._decode(row) for row in ids]
             if any(is_row):
@@ -344,12 +344,6 @@ def _as_text(value):
     if isinstance(value, bytes):
         return value.decode("utf-8")
     return value
-
-
-def _is_sequence(value):
-    return isinstance(value, (list, tuple, np.ndarray)) or (
-        hasattr(value, "shape") and len(value.shape) > 0
-    )
 
 
 def _to_numpy(value):

@@ -96,20 +96,13 @@ def compile_stateless(fn, model, whole_loop=True):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=whole_loop and _xla_helps_tensorflow(model))
+        # On CPU, XLA computes low-precision dots in float32 with float32 copies
+        # of the weights hoisted out of the loop (more memory, and slower).
+        low_precision = keras.backend.standardize_dtype(model.compute_dtype) != "float32"
+        xla = not (low_precision and not tf.config.list_logical_devices("GPU"))
+        return tf.function(fn, jit_compile=whole_loop and xla)
     if backend == "torch":
         import torch
 
         return torch.no_grad()(fn)
     return fn
-
-
-def _xla_helps_tensorflow(model):
-    """XLA compiles TensorFlow's decode loop well in float32 and on
-    accelerators; on CPU it computes low-precision dots in float32 with
-    float32 copies of the weights hoisted out of the loop (several times
-    the weights' memory, and slower)."""
-    import tensorflow as tf
-
-    low_precision = keras.backend.standardize_dtype(model.compute_dtype) != "float32"
-    return not (low_precision and not tf.config.list_logical_devices("GPU"))

@@ -127,10 +127,8 @@ def _library():
         if stderr:  # the compiler's own words say what is missing
             error = stderr.decode(errors="replace").strip().splitlines()[-1]
         return _decline(f"it could not be built ({error}); install a C compiler with OpenMP (CC)")
-    # libgomp.so.1 resolves to PyTorch's runtime only where PyTorch loaded one
-    # by that name; elsewhere the kernel declines rather than link against a
-    # runtime of another build, since a second pool's threads would compete
-    # with PyTorch's spinning workers.
+    # A second OpenMP pool's threads would compete with PyTorch's spinning
+    # workers: decline unless libgomp.so.1 resolved to PyTorch's own runtime.
     torch_library = ctypes.CDLL(internals.torch_extension_library())
     if _openmp_runtime(library) != _openmp_runtime(torch_library):
         return _decline("its libgomp.so.1 is not the OpenMP runtime this PyTorch build loaded")

@@ -98,11 +98,8 @@ def _int8_linear(x, kernel, scale):
 
 
 class _Projection:
-    """One `EinsumDense` as a function of `[rows, in]` inputs -> `[rows, out]`.
-
-    Every kernel is `[out..., in]`, so its `[out, in]` matrix is a view of
-    the Keras variable's storage.
-    """
+    """One `EinsumDense` as a function of `[rows, in]` inputs -> `[rows, out]`;
+    its `[out..., in]` kernel's `[out, in]` matrix is a view of the variable."""
 
     def __init__(self, layer, dtype):
         self.quantized = layer.quantization_mode == "int8"

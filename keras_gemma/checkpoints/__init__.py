@@ -4,9 +4,9 @@
 keras-hub, the loaders take the class to build (`load_backbone(cls, ...)`);
 a task class names the classes of its parts (`GemmaCausalLM.backbone_cls`,
 `.preprocessor_cls`, `GemmaCausalLMPreprocessor.tokenizer_cls`), so this
-package imports none of the model modules. A preset
-is a name from `keras_gemma.presets.PRESETS`, `kaggle://...`, `hf://...` or
-a local directory in either layout, detected from its `config.json`.
+package imports none of the model modules. A preset is a name from
+`keras_gemma.presets.PRESETS`, `kaggle://...`, `hf://...` or a local
+directory in either layout, detected from its `config.json`.
 
 Loading checks every tensor's shape against `GemmaConfig.weight_shapes()`
 before any weight is read, checks the tokenizer against the config's
