@@ -356,17 +356,13 @@ def export_lora_to_peft(backbone, directory, base_model_name_or_path=None):
     hf_names = huggingface_tensors(backbone.config)
     weights = lora_weights(backbone)
     tensors, modules = {}, set()
-    for i in range(backbone.num_layers):
-        for target in targets:
-            path = _layer_path(i, target)
-            hf_module = hf_names[f"{path}/kernel"][0].removesuffix(".weight")
-            # PEFT's `lora_B @ lora_A` is our `a @ b` with the output axes merged.
-            a, b = weights[f"{path}/lora_kernel_a"], weights[f"{path}/lora_kernel_b"]
-            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = b
-            tensors[f"base_model.model.{hf_module}.lora_B.weight"] = np.reshape(
-                a, (-1, a.shape[-1])
-            )
-            modules.add(hf_module.rsplit(".", 1)[-1])
+    for path in _target_layers(backbone, targets):
+        hf_module = hf_names[f"{path}/kernel"][0].removesuffix(".weight")
+        # PEFT's `lora_B @ lora_A` is our `a @ b` with the output axes merged.
+        a, b = weights[f"{path}/lora_kernel_a"], weights[f"{path}/lora_kernel_b"]
+        tensors[f"base_model.model.{hf_module}.lora_A.weight"] = b
+        tensors[f"base_model.model.{hf_module}.lora_B.weight"] = np.reshape(a, (-1, a.shape[-1]))
+        modules.add(hf_module.rsplit(".", 1)[-1])
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
