@@ -78,11 +78,14 @@ def main():
     heldout = toy_tasks.read_jsonl(heldout_path)
     ask(lm, heldout[::25], "held-out questions")
 
-    question = heldout[3]["question"]
-    print(f"\n== streaming: {question}\n  ", end="")
-    for piece in lm.generate_stream(prompt(question)):
+    example = next(e for e in heldout if e["task"] == "sort")
+    print(f"\n== streaming: {example['question']}\n  ", end="")
+    pieces = []
+    for piece in lm.generate_stream(prompt(example["question"])):
         print(piece, end="", flush=True)
-    print()
+        pieces.append(piece)
+    verdict = toy_tasks.check(example["task"], example["question"], "".join(pieces))
+    print(f"   ({'right' if verdict else 'wrong'})")
 
     # Something new: the largest of a few numbers, a task absent from training.
     train, new_heldout = toy_tasks.make_splits(3000, 10, seed=1, tasks=toy_tasks.NEW_TASKS)
