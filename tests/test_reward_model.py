@@ -51,8 +51,6 @@ def test_loss_falls_and_accuracy_reaches_one_on_separable_pairs(tokenizer):
     assert history["loss"][-1] < 0.5 * history["loss"][0], history["loss"]
     assert history["accuracy"][-1] == 1.0
     assert history["margin"][-1] > history["margin"][0]
-    held = model.evaluate(PAIRS, batch_size=4, verbose=0, return_dict=True)
-    assert held["accuracy"] == 1.0
 
 
 def test_bradley_terry_loss_equals_a_hand_computation(tokenizer):
@@ -66,12 +64,14 @@ def test_bradley_terry_loss_equals_a_hand_computation(tokenizer):
     expected = np.mean(np.log1p(np.exp(-z))) + 0.01 * np.mean((chosen + rejected) ** 2)
     assert_close(loss, expected, atol=1e-6)
     # The rewards are the head on the hidden state of each row's last token (<eos>).
-    ids, mask = batch["chosen_token_ids"], batch["chosen_padding_mask"]
+    ids = np.concatenate([batch["chosen_token_ids"], batch["rejected_token_ids"]])
+    mask = np.concatenate([batch["chosen_padding_mask"], batch["rejected_padding_mask"]])
     last = mask.sum(axis=1) - 1
     assert (ids[np.arange(len(ids)), last] == tokenizer.end_token_id).all()
     hidden = to_numpy(model.backbone({"token_ids": ids, "padding_mask": mask}))
     kernel = to_numpy(model.reward_head.kernel)[:, 0]
-    assert_close(rewards[:, 0], hidden[np.arange(len(ids)), last] @ kernel, atol=1e-5)
+    by_hand = hidden[np.arange(len(ids)), last] @ kernel
+    assert_close(rewards.T.reshape(-1), by_hand, atol=1e-5)
 
 
 def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tokenizer):

@@ -393,8 +393,10 @@ class GemmaRewardModel(keras.Model):
         self.built = True
 
     def compute_rewards(self, token_ids, padding_mask, training=None):
-        """`[batch]` float32 rewards of right- or left-padded sequences,
-        read at each row's last real token."""
+        """`[batch]` float32 rewards of right-padded sequences (as the
+        preprocessor pads them), read at each row's last real token: found
+        from `padding_mask`, so the padding's length never moves it. (Left
+        padding would shift Gemma's rotary positions, so it is not used.)"""
         hidden = self.backbone(
             {"token_ids": token_ids, "padding_mask": padding_mask}, training=training
         )  # [batch, sequence, hidden]
