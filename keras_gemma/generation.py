@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 from keras import ops
+from keras import tree
 
 from keras_gemma import backends
 
@@ -141,13 +142,22 @@ class Generator:
             self._functions[key] = function
         return self._functions[key]
 
-    def _start(self, decoder, prefill_length):
+    def _start(self, decoder, prefill_length, num_samples=1):
         sampler = self.model.sampler
 
         def start(token_ids, prompt_lengths, seed):
-            mask = ops.arange(ops.shape(token_ids)[1])[None, :] < prompt_lengths[:, None]
             index = ops.min(prompt_lengths)
             cache, logits = decoder.prefill(token_ids, prefill_length, index)
+            if num_samples > 1:
+                # One prefill per prompt serves its samples: its rows (cache
+                # included) are repeated after it, and decoding draws each
+                # sample's tokens independently from there.
+                def repeat(x):
+                    return ops.repeat(x, num_samples, axis=0)
+
+                token_ids, prompt_lengths, logits = map(repeat, (token_ids, prompt_lengths, logits))
+                cache = tree.map_structure(repeat, cache)
+            mask = ops.arange(ops.shape(token_ids)[1])[None, :] < prompt_lengths[:, None]
             if sampler.first_token_from_prefill:  # one decode step fewer
                 token_ids, cache, index, seed = sampler.step(
                     lambda *_: (logits, cache), token_ids, cache, index, mask, seed
@@ -156,9 +166,15 @@ class Generator:
 
         return start
 
-    def generate(self, token_ids, padding_mask, stop_token_ids=()):
+    def generate(self, token_ids, padding_mask, stop_token_ids=(), num_samples=1):
         """Generates into the padding of right-padded `token_ids`; returns
-        `(token_ids, prompt_lengths, max_length)`, NumPy."""
+        `(token_ids, prompt_lengths, max_length)`, NumPy.
+
+        With `num_samples=k`, each prompt is prefilled once and continued
+        `k` times: rows `i * k ... i * k + k - 1` of the output are prompt
+        `i`'s samples (what repeating each prompt `k` times gives, without
+        `k` prefills of it).
+        """
         model = self.model
         padded, prompt_lengths, max_length = prepare_prompts(
             token_ids, padding_mask, model.backbone.vocabulary_size
@@ -166,7 +182,7 @@ class Generator:
         prefill_length = bucket(int(prompt_lengths.max()))
 
         def build(decoder):
-            start = self._start(decoder, prefill_length)
+            start = self._start(decoder, prefill_length, num_samples)
 
             def generate(token_ids, prompt_lengths, max_length, seed):
                 token_ids, cache, index, mask, seed = start(token_ids, prompt_lengths, seed)
@@ -175,7 +191,7 @@ class Generator:
 
             return generate
 
-        function = self._compiled(("generate", prefill_length, stop_token_ids), build)
+        function = self._compiled(("generate", prefill_length, stop_token_ids, num_samples), build)
         output, seed = function(
             ops.convert_to_tensor(padded),
             ops.convert_to_tensor(prompt_lengths),
@@ -183,6 +199,7 @@ class Generator:
             model.sampler.initial_seed(),
         )
         self._advance_seed(seed)
+        prompt_lengths = np.repeat(prompt_lengths, num_samples)
         return np.asarray(ops.convert_to_numpy(output))[:, :max_length], prompt_lengths, max_length
 
     def stream(self, token_ids, padding_mask):

@@ -6,7 +6,8 @@ Each training step is one *rollout → score → update*:
 1. **Rollout** (outside the compiled step, no gradient, dropout off): take
    the next `batch_size / num_generations` prompts, sample
    `num_generations` completions of each from the current policy (the
-   generation engine, `RandomSampler(temperature)`), mask each after its
+   generation engine, `RandomSampler(temperature)`, one prefill per prompt
+   for all its samples), mask each after its
    first end token, and score the completions' per-token log-probabilities
    under the policy and under the reference (`ReferencePolicy`).
 2. **Score**: reward each completion (a `GemmaRewardModel` or any callable
@@ -427,13 +428,14 @@ class GemmaPolicyOptimizer(keras.Model):
             lengths = [len(ids) for ids in policy.preprocessor.tokenizer.tokenize(prompts)]
             width = max(lengths) + int(policy.preprocessor.add_start_token) + self.max_new_tokens
         batch = policy.preprocessor.generate_preprocess(prompts, sequence_length=width)
-        # k samples per prompt: each prompt repeated k times, consecutively.
-        token_ids = np.repeat(batch["token_ids"], k, axis=0)
-        prompt_mask = np.repeat(batch["padding_mask"], k, axis=0)
-        prompt_lengths = prompt_mask.sum(axis=1)
+        # k samples per prompt in consecutive rows; the generation engine
+        # prefills each prompt once and continues it k times.
         with self._sampling():
-            generated = policy.generate_tokens(token_ids, prompt_mask, self.end_token_ids)
-        token_ids = np.asarray(generated["token_ids"], "int32")
+            token_ids, prompt_lengths, _ = policy._generator.generate(
+                batch["token_ids"], batch["padding_mask"], self.end_token_ids, num_samples=k
+            )
+        token_ids = np.asarray(token_ids, "int32")
+        prompt_mask = np.repeat(batch["padding_mask"], k, axis=0)
         mask, truncated = completion_mask(
             token_ids, prompt_lengths, self.end_token_ids, self.max_new_tokens
         )
