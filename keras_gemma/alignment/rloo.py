@@ -215,10 +215,11 @@ class _Rollouts:
     def fetch(self):
         if self.fetched and self.training:
             raise RuntimeError(
-                "Keras fetched a second rollout batch before the current train step ran "
-                "(it prefetches ahead, e.g. JAX on an accelerator), so that rollout would "
-                "use out-of-date weights. Run policy optimisation on a backend and device "
-                "without look-ahead (JAX or TensorFlow on CPU, or PyTorch)."
+                "Keras fetched a second rollout batch before the current train step ran, "
+                "so that rollout would use out-of-date weights. Keras's JAX trainer looks "
+                "one batch ahead on accelerators unless a distribution is set: call "
+                "keras.distribution.set_distribution(keras.distribution.DataParallel()) "
+                "before `fit` (its iterator fetches each batch when the step needs it)."
             )
         self.prepare()
         self.ready, self.fetched = False, True
