@@ -23,6 +23,9 @@ with `--prompt-field`/`--response-field`/`--messages-field`). Each example is
 written in Gemma's turn format by the preprocessor, with the loss on the
 model turns (each with its `<end_of_turn>`) only; a prompt/response pair is
 one user turn and one model turn. `--packing` packs short examples together.
+Resuming reads examples by index, so `--data` is a file (or a Hugging Face
+dataset, `hf:...`); a TFDS split streams in order and must be exported to
+JSONL first.
 With `--lora-rank`, only rank-r adapters train; they are saved to
 `adapter.lora.safetensors` and merged into `preset/`. Writes `preset/`,
 `log.csv`, `curves.png` into `--output`; rerunning after a kill resumes from
