@@ -82,16 +82,15 @@ def test_reward_is_read_at_the_last_real_token_whatever_the_padding(tokenizer):
         "prompts": ["Hi", "What is 12 plus 30? Answer in full."],
         "responses": ["A fox.", "12 plus 30 is 42, the answer."],
     }
-    alone = model.predict(short, verbose=0)
-    batched = model.predict(long, verbose=0)
+    # The short row alone with little padding, then beside a longer row
+    # with much more: the same reward.
+    alone = model.preprocess_responses(short, sequence_length=12)
+    batched = model.preprocess_responses(long, sequence_length=40)
+    np.testing.assert_array_equal(batched["token_ids"][0, :12], alone["token_ids"][0])
+    alone = to_numpy(model.compute_rewards(alone["token_ids"], alone["padding_mask"]))
+    batched = to_numpy(model.compute_rewards(batched["token_ids"], batched["padding_mask"]))
     assert_close(batched[0], alone[0], atol=1e-5)
-    assert batched[0] != batched[1]
-    # Right-padding length never matters.
-    for length in (12, 40):
-        tokens = model.preprocess_responses(short, sequence_length=length)
-        assert_close(
-            model.compute_rewards(tokens["token_ids"], tokens["padding_mask"]), alone, atol=1e-5
-        )
+    assert abs(batched[0] - batched[1]) > 1e-3
 
 
 def test_predict_returns_one_float_per_row(tokenizer):
