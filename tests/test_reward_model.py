@@ -97,6 +97,14 @@ def test_predict_returns_one_float_per_row(tokenizer):
     model = _model(tokenizer)
     rewards = model.predict({"prompts": PAIRS["prompts"], "responses": PAIRS["chosen"]}, verbose=0)
     assert rewards.shape == (4,) and rewards.dtype == np.float32
+    # Generated rows (no <eos>; one filling its row) get it appended, as in training.
+    tokens = model.preprocess_responses({"prompts": PAIRS["prompts"], "responses": PAIRS["chosen"]})
+    ids, mask = tokens["token_ids"].copy(), tokens["padding_mask"].copy()
+    last = mask.sum(axis=1) - 1
+    ids[np.arange(4), last], mask[np.arange(4), last] = 0, 0
+    assert_close(model.score_tokens(ids, mask), rewards, atol=1e-5)
+    full = ids[:1, : last[0]]
+    assert_close(model.score_tokens(full, np.ones_like(full)), rewards[:1], atol=1e-5)
     conversations = [
         [{"role": "user", "content": p}, {"role": "model", "content": c}]
         for p, c in zip(PAIRS["prompts"], PAIRS["chosen"])

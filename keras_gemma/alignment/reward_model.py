@@ -329,7 +329,8 @@ class GemmaRewardModel(keras.Model):
 
     `predict({"prompts", "responses"})` (or `{"messages": [...]}`, or
     `{"token_ids", "padding_mask"}`) returns one float32 reward per row;
-    `compute_rewards(token_ids, padding_mask)` is the same in `keras.ops`.
+    `score_tokens` scores generated token rows (appending `<eos>` as training
+    does); `compute_rewards(token_ids, padding_mask)` is the `keras.ops` core.
     LoRA: `reward_model.backbone.enable_lora(rank)` freezes the backbone but
     for the adapters; the head always trains. `from_preset` takes any Gemma
     preset (a fresh head) or a saved reward model (its head too).
@@ -527,6 +528,31 @@ class GemmaRewardModel(keras.Model):
         if not (isinstance(x, dict) and "token_ids" in x):
             x = self.preprocess_responses(x)
         return super().predict(x, batch_size=batch_size or 32, **kwargs)
+
+    def score_tokens(self, token_ids, padding_mask, batch_size=32):
+        """Rewards of token rows as generation returns them: NumPy float32 `[batch]`.
+
+        Rows are right-padded prompt + completion ids (e.g. `generate`'s
+        output). As in training, the reward is read at an `<eos>` after the
+        last real token: it is appended where a row does not end with one
+        (a completion stopped at `<end_of_turn>`, or truncated), so rewards
+        match `predict` on the same text without decoding and re-tokenizing.
+        """
+        self._require_preprocessor("`score_tokens`")
+        end = self.preprocessor.tokenizer.end_token_id
+        token_ids = np.asarray(ops.convert_to_numpy(token_ids)).astype("int32")
+        padding_mask = np.asarray(ops.convert_to_numpy(padding_mask)).astype("int32")
+        lengths = padding_mask.sum(axis=1)
+        rows = np.arange(len(token_ids))
+        needs_end = token_ids[rows, np.maximum(lengths - 1, 0)] != end
+        if needs_end.any() and lengths[needs_end].max() >= token_ids.shape[1]:
+            token_ids = np.pad(token_ids, ((0, 0), (0, 1)))
+            padding_mask = np.pad(padding_mask, ((0, 0), (0, 1)))
+        token_ids, padding_mask = token_ids.copy(), padding_mask.copy()
+        token_ids[rows[needs_end], lengths[needs_end]] = end
+        padding_mask[rows[needs_end], lengths[needs_end]] = 1
+        inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+        return super().predict(inputs, batch_size=batch_size, verbose=0)
 
     # Presets.
 
