@@ -84,6 +84,7 @@ def run(args):
     from keras_gemma import GemmaBackbone
     from keras_gemma import GemmaCausalLM
     from keras_gemma import GemmaCausalLMPreprocessor
+    from keras_gemma import samplers
     from keras_gemma.alignment.rloo import GemmaPolicyOptimizer
 
     keras.utils.set_random_seed(0)
@@ -115,6 +116,11 @@ def run(args):
         return out
 
     generator.generate = timed_generate  # an instance attribute: this run only
+    # The policy keeps the rollout sampler (as during `fit`), so rollouts
+    # reuse their compiled loop; the greedy calls have their own cache key
+    # (no stop tokens, one sample per row).
+    greedy = samplers.GreedySampler()
+    lm.sampler = saved_sampler = trainer.sampler
     batch = preprocessor.generate_preprocess(prompts, sequence_length=width)
     repeated = {k: np.repeat(v, args.k, axis=0) for k, v in batch.items()}
     first = None
@@ -127,7 +133,10 @@ def run(args):
         trainer.train_on_batch(rollout)
         timings["update"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        lm.generate_tokens(repeated["token_ids"], repeated["padding_mask"], ())  # greedy
+        # The unwrapped engine: k prefills of each prompt, greedy, no stop.
+        lm.sampler = greedy
+        generate(repeated["token_ids"], repeated["padding_mask"], ())
+        lm.sampler = saved_sampler
         timings["plain generate"].append(time.perf_counter() - start)
         if step == 0:
             first = {k: v[0] for k, v in timings.items()}
