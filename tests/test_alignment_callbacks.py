@@ -80,11 +80,13 @@ def test_adaptive_kl_moves_beta_toward_the_target():
 def test_stop_on_nan_restores_the_last_good_weights():
     model = KLLogging()
     weights = []
-    recorder = keras.callbacks.LambdaCallback(
-        on_train_batch_end=lambda batch, logs: weights.append(
-            [to_numpy(v).copy() for v in model.trainable_variables]
-        )
-    )
+
+    class Recorder(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            # `self.model` brings JAX's training state back into the variables.
+            weights.append([to_numpy(v).copy() for v in self.model.trainable_variables])
+
+    recorder = Recorder()
     stop = StopOnDivergence()
     _fit(model, *_data([0.0] * 6, nan_at=2), [recorder, stop], epochs=2)
     assert stop.stopped_at == 3 and "loss" in stop.reason

@@ -105,7 +105,7 @@ def group_normalized_advantages(rewards, num_generations, epsilon=1e-4):
     as in TRL.
 
     Example:
-    >>> group_normalized_advantages(np.array([1.0, 0.0, 5.0, 5.0]), 2).round(3).tolist()
+    >>> [round(float(a), 3) for a in group_normalized_advantages(np.array([1.0, 0.0, 5.0, 5.0]), 2)]
     [0.707, -0.707, 0.0, 0.0]
     """
     k = _check_group_size(num_generations, 2, "group-normalised advantages")
@@ -346,7 +346,7 @@ class GemmaPolicyOptimizer(keras.Model):
     >>> from keras_gemma import GemmaBackbone, GemmaCausalLM
     >>> from keras_gemma import GemmaCausalLMPreprocessor, GemmaTokenizer
     >>> from keras_gemma.tokenizer import train_sentencepiece
-    >>> tokenizer = GemmaTokenizer(train_sentencepiece(["a b c"] * 50, 280))
+    >>> tokenizer = GemmaTokenizer(train_sentencepiece(["a b c"] * 50, 268))
     >>> backbone = GemmaBackbone(vocabulary_size=tokenizer.vocabulary_size(),
     ...     num_layers=1, num_query_heads=2, num_key_value_heads=1,
     ...     hidden_dim=8, intermediate_dim=16, head_dim=4)
@@ -357,8 +357,8 @@ class GemmaPolicyOptimizer(keras.Model):
     ...     max_new_tokens=4, seed=0)
     >>> trainer.compile(optimizer=keras.optimizers.SGD(0.1))
     >>> history = trainer.fit(["a", "b"], batch_size=4, verbose=0)
-    >>> sorted(history.history)[:3]
-    ['completions/clipped_ratio', 'completions/mean_length', 'entropy']
+    >>> [name in history.history for name in ("reward", "kl", "frac_reward_zero_std")]
+    [True, True, True]
     """
 
     def __init__(
