@@ -34,7 +34,7 @@ PAIRS = {
 
 
 def _policy(tokenizer, lora_rank=None):
-    lm = GemmaCausalLM(make_backbone("mqa", seed=0), GemmaCausalLMPreprocessor(tokenizer, 24))
+    lm = GemmaCausalLM(make_backbone("mqa", seed=0), GemmaCausalLMPreprocessor(tokenizer, 32))
     if lora_rank:
         lm.backbone.enable_lora(lora_rank)
     return lm

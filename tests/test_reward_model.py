@@ -37,7 +37,7 @@ PAIRS = {
 }
 
 
-def _model(tokenizer, sequence_length=24, **kwargs):
+def _model(tokenizer, sequence_length=32, **kwargs):
     backbone = make_backbone("mqa", seed=0)
     return GemmaRewardModel(
         backbone, GemmaCausalLMPreprocessor(tokenizer, sequence_length), **kwargs
@@ -136,7 +136,7 @@ def test_preset_round_trip_gives_equal_rewards(tokenizer, tmp_path):
     model.save_to_preset(tmp_path / "rm")
     loaded = GemmaRewardModel.from_preset(tmp_path / "rm")
     assert_close(loaded.predict(responses, verbose=0), model.predict(responses, verbose=0))
-    assert loaded.preprocessor.sequence_length == 24
+    assert loaded.preprocessor.sequence_length == 32
     # Any Gemma preset (here a causal LM's) gives a reward model with a fresh head.
     lm = GemmaCausalLM(make_backbone("mqa", seed=0), GemmaCausalLMPreprocessor(tokenizer, 24))
     lm.save_to_preset(tmp_path / "lm")
@@ -162,7 +162,7 @@ def test_lora_trains_adapters_and_head_only(tokenizer):
 
 def test_dropout_is_off_in_fit_and_restored(tokenizer):
     model = GemmaRewardModel(
-        make_backbone("mqa", seed=0, dropout=0.5), GemmaCausalLMPreprocessor(tokenizer, 24)
+        make_backbone("mqa", seed=0, dropout=0.5), GemmaCausalLMPreprocessor(tokenizer, 32)
     )
     model.compile(optimizer=keras.optimizers.SGD(0.0))
     history = model.fit(PAIRS, batch_size=4, epochs=2, shuffle=False, verbose=0).history
@@ -192,6 +192,14 @@ def test_dropout_is_off_in_fit_and_restored(tokenizer):
 def test_bad_preference_data_names_the_fix(data, error, message):
     with pytest.raises(error, match=message):
         check_preferences(data)
+
+
+def test_long_rows_warn_and_keep_their_end_token(tokenizer):
+    model = _model(tokenizer, sequence_length=12)
+    with pytest.warns(UserWarning, match="truncated"):
+        batch = model.preprocess({"prompts": ["word " * 20], "chosen": ["a"], "rejected": ["b"]})
+    assert batch["chosen_padding_mask"].sum() == 12
+    assert batch["chosen_token_ids"][0, -1] == tokenizer.end_token_id
 
 
 def test_fit_rejects_bad_input(tokenizer):
@@ -245,7 +253,7 @@ def recipe_argv(preset, data, output):
     return [
         "--preset", str(preset), "--data", str(data), "--validation-data", str(data),
         "--output", str(output), "--lora-rank", "2", "--steps", "4", "--steps-per-epoch", "2",
-        "--batch-size", "4", "--warmup-steps", "1", "--sequence-length", "32",
+        "--batch-size", "4", "--warmup-steps", "1", "--sequence-length", "48",
         "--learning-rate", "1e-2", "--verbose", "0",
     ]  # fmt: skip
 

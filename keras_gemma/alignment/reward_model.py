@@ -8,6 +8,7 @@ the fix, and `preference_batch` turns a batch of it into padded arrays.
 import contextlib
 import math
 import numbers
+import warnings
 
 import keras
 import numpy as np
@@ -201,6 +202,16 @@ def preference_batch(preprocessor, batch, append_end_token=True, sequence_length
     inputs = {}
     for side in ("chosen", "rejected"):
         examples = _examples(preprocessor, prompts, batch[side])
+        appended = [end is not None and (not ids or ids[-1] != end) for ids, _ in examples]
+        if any(len(ids) + extra > length for (ids, _), extra in zip(examples, appended)):
+            # Truncation can cut off what tells chosen from rejected, leaving
+            # a pair nothing can learn from (TRL drops such rows instead).
+            warnings.warn(
+                f"Some preference rows are longer than sequence_length={length} tokens and "
+                "are truncated (the end of the response is lost). Raise the preprocessor's "
+                "`sequence_length` or shorten the prompts.",
+                stacklevel=2,
+            )
         ids, mask, completion = pad_examples(examples, length, tokenizer.pad_token_id, end)
         inputs[f"{side}_token_ids"] = ids
         inputs[f"{side}_padding_mask"] = mask
