@@ -1,7 +1,11 @@
 """keras_gemma: Google's Gemma models in backend-agnostic Keras 3."""
 
+from keras_gemma import alignment
 from keras_gemma import layers
 from keras_gemma import samplers
+from keras_gemma.alignment import GemmaDPO
+from keras_gemma.alignment import GemmaPolicyOptimizer
+from keras_gemma.alignment import GemmaRewardModel
 from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.causal_lm import GemmaCausalLM
 from keras_gemma.causal_lm import token_log_probabilities
@@ -26,12 +30,16 @@ __all__ = [
     "GemmaCausalLM",
     "GemmaCausalLMPreprocessor",
     "GemmaConfig",
+    "GemmaDPO",
+    "GemmaPolicyOptimizer",
+    "GemmaRewardModel",
     "GemmaTokenizer",
     "GreedySampler",
     "RandomSampler",
     "Sampler",
     "TopKSampler",
     "TopPSampler",
+    "alignment",
     "format_turns",
     "layers",
     "load_dataset",

@@ -272,6 +272,7 @@ class GemmaBackbone(keras.Model):
 
     def save_to_preset(self, preset_dir):
         """Writes the Keras preset layout (config.json, model.weights.h5), atomically."""
+        lora.check_merged_before_saving(self)
         checkpoints.save_backbone(self, preset_dir)
 
     @staticmethod

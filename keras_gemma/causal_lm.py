@@ -399,10 +399,12 @@ class GemmaCausalLM(keras.Model):
 
     def save_to_preset(self, preset_dir):
         """Writes keras-hub's Keras preset layout, atomically; keras-hub loads it too."""
+        lora.check_merged_before_saving(self.backbone)
         checkpoints.save_causal_lm(self, preset_dir)
 
     def export_to_huggingface(self, directory):
         """Writes a Hugging Face checkpoint (safetensors, config.json, tokenizer.model)."""
+        lora.check_merged_before_saving(self.backbone)
         checkpoints.export_huggingface(self, directory)
 
     def get_config(self):

@@ -98,6 +98,16 @@ def lora_state(backbone):
     return layer.lora_rank, float(layer.lora_alpha), targets
 
 
+def check_merged_before_saving(backbone):
+    """Refuses to write a preset that would silently drop enabled adapters."""
+    if lora_state(backbone) is not None:
+        raise ValueError(
+            "This model has LoRA adapters, which a preset does not hold. Call "
+            "`backbone.merge_lora()` first to save the tuned model, or "
+            "`backbone.save_lora_weights(path)` to save the adapters alone."
+        )
+
+
 def enable_lora(backbone, rank, target_layer_names=None, lora_alpha=None):
     """Adds LoRA adapters and freezes every other weight of `backbone`.
 

@@ -214,3 +214,13 @@ def test_bad_training_data_names_the_fix(tokenizer, data, message):
     lm = GemmaCausalLM(make_backbone("mqa"), GemmaCausalLMPreprocessor(tokenizer, 16))
     with pytest.raises((ValueError, TypeError), match=message):
         lm.fit(data, batch_size=2, verbose=0)
+
+
+def test_saving_a_preset_with_unmerged_lora_names_the_fix(tmp_path):
+    lm = GemmaCausalLM(make_backbone("mqa"))
+    lm.backbone.enable_lora(2)
+    with pytest.raises(ValueError, match="merge_lora"):
+        lm.save_to_preset(tmp_path / "preset")
+    assert not (tmp_path / "preset").exists()
+    lm.backbone.merge_lora()
+    lm.save_to_preset(tmp_path / "preset")

@@ -67,6 +67,7 @@ from keras_gemma.alignment.policy import completion_log_probs
 from keras_gemma.alignment.policy import completion_mask
 from keras_gemma.alignment.policy import penalize_truncated
 from keras_gemma.alignment.policy import score_completions
+from keras_gemma.alignment.reward_model import check_same_tokenizer
 from keras_gemma.preprocessor import as_string_list
 
 ALGORITHMS = ("rloo", "grpo")
@@ -127,8 +128,15 @@ class _Reward:
     """`reward(prompts, completions) -> float32 [n]`, checked. A plain object,
     so a reward *model* is not tracked (and trained) as part of the policy."""
 
-    def __init__(self, reward):
-        if hasattr(reward, "predict"):
+    def __init__(self, reward, policy):
+        self.tokens = None
+        if hasattr(reward, "score_tokens"):
+            # A reward model reads the rollout's own token rows (ending at
+            # `<end_of_turn>` as in its training), never re-tokenized text.
+            check_same_tokenizer(reward, policy)
+            self.tokens = reward.score_tokens
+            self.name = type(reward).__name__
+        elif hasattr(reward, "predict"):
             self.function = lambda prompts, completions: reward.predict(
                 {"prompts": prompts, "responses": completions}, verbose=0
             )
@@ -143,8 +151,11 @@ class _Reward:
                 f"returning one float per completion. Received: {type(reward).__name__}"
             )
 
-    def __call__(self, prompts, completions):
-        rewards = self.function(list(prompts), list(completions))
+    def __call__(self, prompts, completions, token_ids=None, padding_mask=None):
+        if self.tokens is not None:
+            rewards = self.tokens(token_ids, padding_mask)
+        else:
+            rewards = self.function(list(prompts), list(completions))
         try:
             rewards = np.asarray(ops.convert_to_numpy(rewards), "float32").reshape(-1)
         except (TypeError, ValueError) as error:
@@ -408,7 +419,7 @@ class GemmaPolicyOptimizer(keras.Model):
         if not self.end_token_ids:
             raise ValueError("`end_token_ids` must name at least one token that ends a completion.")
         self.sampler = samplers.RandomSampler(temperature=temperature, seed=seed)
-        self.reward_function = _Reward(reward)
+        self.reward_function = _Reward(reward, policy)
         # Plain attributes of plain objects: neither is trained or tracked.
         self.reference = ReferencePolicy(policy)
         self._metric_trackers = [keras.metrics.Mean(name=name) for name in ROLLOUT_METRICS]
@@ -452,7 +463,7 @@ class GemmaPolicyOptimizer(keras.Model):
             strip_lengths=prompt_lengths,
         )
         repeated_prompts = [p for p in prompts for _ in range(k)]
-        rewards = self.reward_function(repeated_prompts, completions)
+        rewards = self.reward_function(repeated_prompts, completions, token_ids, padding_mask)
         old_log_probs, entropy = score_completions(policy, token_ids, padding_mask, mask)
         reference_log_probs = self.reference.log_probs(token_ids, padding_mask, mask)
         sequence_kl = (old_log_probs - reference_log_probs).sum(axis=1)
