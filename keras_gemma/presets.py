@@ -36,6 +36,17 @@ def _read_table():
 PRESETS = _read_table()
 
 
+def shipped_preset(name):
+    """The packaged directory of a preset trained by this project (e.g.
+    `"toy_gemma"`, made by `training/toy_pipeline.py`), or None.
+
+    >>> shipped_preset("toy_gemma").joinpath("config.json").is_file()
+    True
+    """
+    path = importlib.resources.files("keras_gemma") / "preset_data" / str(name)
+    return path if path.joinpath("config.json").is_file() else None
+
+
 def get_preset(name):
     """The metadata of the preset `name`, or a ValueError naming close matches."""
     if name in PRESETS:

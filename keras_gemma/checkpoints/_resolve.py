@@ -6,6 +6,7 @@ import pathlib
 
 from keras_gemma.presets import PRESETS
 from keras_gemma.presets import get_preset
+from keras_gemma.presets import shipped_preset
 
 KAGGLE_PREFIX = "kaggle://"
 HF_PREFIX = "hf://"
@@ -61,6 +62,7 @@ def resolve_preset(preset):
 
     Args:
         preset: a preset name from `PRESETS` (fetched from its Kaggle handle),
+            a preset shipped in the package (`presets.shipped_preset`),
             `kaggle://owner/model/keras/variation[/version]`, `hf://owner/repo`,
             or a local directory.
     """
@@ -73,6 +75,8 @@ def resolve_preset(preset):
         )
     if preset in PRESETS:
         preset = PRESETS[preset]["kaggle_handle"]
+    elif shipped_preset(preset) is not None:
+        return pathlib.Path(str(shipped_preset(preset)))
     for prefix in _SOURCES:
         if preset.startswith(prefix):
             return pathlib.Path(_download(prefix, preset[len(prefix) :]))
