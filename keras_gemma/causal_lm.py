@@ -147,10 +147,13 @@ class GemmaCausalLM(keras.Model):
             self.compile()
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        if not self._outputs_hidden:
+        if not self._loss_from_hidden:
             return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        # Outside `fit`/`evaluate`/`*_on_batch` (a custom loop), `y_pred` is
+        # already the logits: the same loss, without chunking.
+        project = self.compute_logits if self._outputs_hidden else (lambda logits: logits)
         loss, correct = chunked_cross_entropy(
-            self.compute_logits, y_pred, y, sample_weight, self.loss_chunk_size
+            project, y_pred, y, sample_weight, self.loss_chunk_size
         )
         if sample_weight is None:
             count = ops.cast(ops.size(y), "float32")
@@ -185,6 +188,14 @@ class GemmaCausalLM(keras.Model):
         return self._run_outputting_hidden(
             super().fit, x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs
         )
+
+    def train_on_batch(self, *args, **kwargs):
+        self._ensure_compiled()
+        return self._run_outputting_hidden(super().train_on_batch, *args, **kwargs)
+
+    def test_on_batch(self, *args, **kwargs):
+        self._ensure_compiled()
+        return self._run_outputting_hidden(super().test_on_batch, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         self._ensure_compiled()

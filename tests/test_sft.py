@@ -242,3 +242,23 @@ def test_shipped_toy_preset_loads_by_name_and_answers_held_out_questions():
     # the preset scores 92-94% on these two tasks.
     right = sum(a.strip() == r["answer"] for a, r in zip(answers, rows))
     assert right >= 6, list(zip(answers, [r["answer"] for r in rows]))
+
+
+def test_every_training_entry_point_computes_the_default_loss(tokenizer):
+    """`fit`, `train_on_batch`, `test_on_batch` and a custom `compute_loss`
+    call on logits all give the token-mean loss."""
+    lm = GemmaCausalLM(make_backbone("mqa"))
+    lm.compile(optimizer=keras.optimizers.SGD(0.0))
+    rng = np.random.default_rng(2)
+    x = {"token_ids": rng.integers(0, 384, (2, 7)), "padding_mask": np.ones((2, 7), "int32")}
+    y = rng.integers(0, 384, (2, 7))
+    w = rng.integers(0, 2, (2, 7)).astype("float32")
+    w[0, 0] = 1.0
+    log_probs = to_numpy(token_log_probabilities(lm(x), y))
+    expected = -(log_probs * w).sum() / w.sum()
+    on_batch = lm.train_on_batch(x, y, sample_weight=w, return_dict=True)["loss"]
+    np.testing.assert_allclose(on_batch, expected, rtol=1e-5)
+    tested = lm.test_on_batch(x, y, sample_weight=w, return_dict=True)["loss"]
+    np.testing.assert_allclose(tested, expected, rtol=1e-5)
+    direct = to_numpy(lm.compute_loss(x, y, lm(x), w))
+    np.testing.assert_allclose(direct, expected, rtol=1e-5)
