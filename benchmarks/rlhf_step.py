@@ -106,7 +106,7 @@ def run(args):
     trainer.compile(optimizer=keras.optimizers.SGD(1e-4))
 
     timings = {"generate": [], "score": [], "update": [], "plain generate": []}
-    generator = lm._generator  # the engine the rollout samples through
+    generator = lm.generator  # the engine the rollout samples through
     generate = generator.generate
 
     def timed_generate(*a, **kw):

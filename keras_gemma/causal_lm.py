@@ -71,7 +71,7 @@ class GemmaCausalLM(keras.Model):
         self.backbone = backbone
         self.preprocessor = preprocessor
         self.sampler = samplers_lib.get("greedy")
-        self._generator = Generator(self)
+        self.generator = Generator(self)  # the generation engine (`generation.Generator`)
         self._loss_from_hidden = self._outputs_hidden = False
         self.loss_chunk_size = None  # positions per logits chunk; None: by memory
         self._accuracy = keras.metrics.Mean(name="accuracy")
@@ -120,7 +120,7 @@ class GemmaCausalLM(keras.Model):
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
         self.sampler = samplers_lib.get(sampler)
-        self._generator.clear()
+        self.generator.clear()
 
     def quantize(self, mode=None, **kwargs):
         """Quantizes the backbone's weights (e.g. `"int8"`, weight-only); see
@@ -208,7 +208,8 @@ class GemmaCausalLM(keras.Model):
 
     # Generation.
 
-    def _stop_token_ids(self, stop_token_ids):
+    def resolve_stop_token_ids(self, stop_token_ids):
+        """`generate`'s `stop_token_ids` argument as a checked tuple of ids."""
         if stop_token_ids == "auto":
             if self.preprocessor is None:
                 raise ValueError(
@@ -246,7 +247,7 @@ class GemmaCausalLM(keras.Model):
         Returns `{"token_ids", "padding_mask"}` as NumPy arrays; the mask
         covers the prompt and generated tokens up to the first stop token.
         """
-        output, prompt_lengths, max_length = self._generator.generate(
+        output, prompt_lengths, max_length = self.generator.generate(
             token_ids, padding_mask, stop_token_ids
         )
         # Keep tokens up to and including each row's first generated stop.
@@ -266,7 +267,7 @@ class GemmaCausalLM(keras.Model):
             for piece in lm.generate_stream("Tell me a story", max_length=64):
                 print(piece, end="", flush=True)
         """
-        stop_token_ids = self._stop_token_ids(stop_token_ids)
+        stop_token_ids = self.resolve_stop_token_ids(stop_token_ids)
         if self.preprocessor is None:
             raise ValueError("`generate_stream` takes text, so it needs a preprocessor.")
         if not isinstance(inputs, str):
@@ -278,7 +279,7 @@ class GemmaCausalLM(keras.Model):
         tokenizer = self.preprocessor.tokenizer
         special = {tokenizer.pad_token_id, tokenizer.start_token_id, tokenizer.end_token_id}
         generated, emitted = [], ""
-        for token in self._generator.stream(batch["token_ids"], batch["padding_mask"]):
+        for token in self.generator.stream(batch["token_ids"], batch["padding_mask"]):
             if token in stop_token_ids:
                 break
             if token in special:
@@ -310,7 +311,7 @@ class GemmaCausalLM(keras.Model):
         Returns:
             A string for a string prompt, a list for a list, or a token dict.
         """
-        stop_token_ids = self._stop_token_ids(stop_token_ids)
+        stop_token_ids = self.resolve_stop_token_ids(stop_token_ids)
         if isinstance(inputs, dict):
             missing = {"token_ids", "padding_mask"} - set(inputs)
             if missing:

@@ -519,7 +519,7 @@ class TextDataset:
     """
 
     def __init__(self, source, form, name, seed=None):
-        self._source = source
+        self.source = source
         self._form = form
         self.kind = form.kind
         self.fields = form.fields
@@ -527,7 +527,7 @@ class TextDataset:
         self.seed = seed
 
     def __len__(self):
-        return len(self._source)
+        return len(self.source)
 
     def __repr__(self):
         try:
@@ -538,11 +538,11 @@ class TextDataset:
 
     def read(self, indices):
         """The records at `indices`, as one batch in the preprocessor's form."""
-        if isinstance(self._source, _TfdsSplit):
+        if isinstance(self.source, _TfdsSplit):
             raise TypeError(f"{self.name} streams in order: use `batches()`.")
-        records = self._source.read(indices)
+        records = self.source.read(indices)
         examples = [
-            self._form.example(record, _Where(self._source, index))
+            self._form.example(record, _Where(self.source, index))
             for index, record in zip(indices, records)
         ]
         return self._form.batch(examples)
@@ -557,8 +557,8 @@ class TextDataset:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer. Received: {batch_size!r}")
         seed = self.seed if seed is None else seed
-        if isinstance(self._source, _TfdsSplit):
-            return self._source.batches(self._form, batch_size, shuffle, seed)
+        if isinstance(self.source, _TfdsSplit):
+            return self.source.batches(self._form, batch_size, shuffle, seed)
         return RawBatches(self, batch_size, shuffle=shuffle, seed=seed)
 
 
@@ -594,7 +594,7 @@ class RawBatches(keras.utils.PyDataset):
         self._order = self._new_order()
 
     def _new_order(self):
-        source = self.dataset._source
+        source = self.dataset.source
         return _order(source, self._rng) if self.shuffle else np.arange(len(source))
 
     def __len__(self):

@@ -237,7 +237,8 @@ def test_instruction_tuned_models_stop_at_end_of_turn_by_default(keras_hub_prese
     model = GemmaCausalLM.from_preset(keras_hub_preset[0])
     tokenizer = model.preprocessor.tokenizer
     assert tokenizer.end_of_turn_id is not None
-    assert set(model._stop_token_ids("auto")) == {tokenizer.end_token_id, tokenizer.end_of_turn_id}
+    expected = {tokenizer.end_token_id, tokenizer.end_of_turn_id}
+    assert set(model.resolve_stop_token_ids("auto")) == expected
 
 
 # Atomic saves.

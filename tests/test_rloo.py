@@ -194,10 +194,10 @@ def test_one_prefill_per_prompt_equals_repeating_each_prompt(tokenizer):
         for shared in (True, False):
             lm.compile(sampler=RandomSampler(seed=3) if sampler == "random" else sampler)
             if shared:
-                outputs.append(lm._generator.generate(ids, mask, (), num_samples=3))
+                outputs.append(lm.generator.generate(ids, mask, (), num_samples=3))
             else:
                 repeated = np.repeat(ids, 3, axis=0), np.repeat(mask, 3, axis=0)
-                outputs.append(lm._generator.generate(*repeated, ()))
+                outputs.append(lm.generator.generate(*repeated, ()))
         (shared_ids, shared_lengths, _), (repeated_ids, repeated_lengths, _) = outputs
         np.testing.assert_array_equal(shared_lengths, repeated_lengths)
         np.testing.assert_array_equal(shared_ids, repeated_ids)

@@ -415,7 +415,7 @@ class GemmaPolicyOptimizer(keras.Model):
         self.clip_epsilon = clip_epsilon
         self.truncation_penalty = truncation_penalty
         self.seed = seed
-        self.end_token_ids = policy._stop_token_ids(end_token_ids)
+        self.end_token_ids = policy.resolve_stop_token_ids(end_token_ids)
         if not self.end_token_ids:
             raise ValueError("`end_token_ids` must name at least one token that ends a completion.")
         self.sampler = samplers.RandomSampler(temperature=temperature, seed=seed)
@@ -443,7 +443,7 @@ class GemmaPolicyOptimizer(keras.Model):
         # k samples per prompt in consecutive rows; the generation engine
         # prefills each prompt once and continues it k times.
         with self._sampling():
-            token_ids, prompt_lengths, _ = policy._generator.generate(
+            token_ids, prompt_lengths, _ = policy.generator.generate(
                 batch["token_ids"], batch["padding_mask"], self.end_token_ids, num_samples=k
             )
         token_ids = np.asarray(token_ids, "int32")
@@ -632,12 +632,12 @@ class GemmaPolicyOptimizer(keras.Model):
             return
         saved = policy.sampler
         policy.sampler = self.sampler
-        policy._generator.clear()
+        policy.generator.clear()
         try:
             yield
         finally:
             policy.sampler = saved
-            policy._generator.clear()
+            policy.generator.clear()
 
     def get_config(self):
         raise NotImplementedError(

@@ -36,7 +36,7 @@ def segment_positions(segment_ids):
     """Each token's position within its packed example, `[batch, sequence]`.
 
     >>> import numpy as np
-    >>> segment_positions(np.array([[1, 1, 1, 2, 2, 0]])).tolist()
+    >>> ops.convert_to_numpy(segment_positions(np.array([[1, 1, 1, 2, 2, 0]]))).tolist()
     [[0, 1, 2, 0, 1, 0]]
     """
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
