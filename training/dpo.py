@@ -85,42 +85,18 @@ def main(argv=None, callbacks=()):
         print(f"reference log-probabilities: {time.perf_counter() - start:.0f}s")
     else:
         dpo = GemmaDPO(policy, beta=args.beta)
-    dpo.compile(
-        optimizer=recipe_common.make_optimizer(
-            args.learning_rate, args.steps, args.warmup_steps, args.weight_decay
-        )
-    )
     print(
         f"DPO: {recipe_common.model_summary_line(policy)} pairs={len(data['chosen'])} "
         f"beta={args.beta} reference={args.reference} "
         f"trainable={preference_recipe.trainable_count(dpo):,}"
     )
-    batches = recipe_common.StepBatches(
-        data,
-        dpo.preprocess,
-        args.batch_size,
-        args.steps_per_epoch,
-        args.seed,
-        cluster.rank,
-        cluster.world_size,
-    )
-    start = time.perf_counter()
-    recipe_common.fit_resumable(
-        dpo, batches, args.output, args.steps, cluster, args.verbose, callbacks
-    )
-    print(f"training took {time.perf_counter() - start:.0f}s (this run)")
+    recipe_common.train(dpo, data, dpo.preprocess, args, cluster, callbacks, "training")
     if held_out is not None:
         metrics = dpo.evaluate(held_out, batch_size=args.batch_size, verbose=0, return_dict=True)
         print("held-out: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if cluster.is_chief:
             (args.output / "validation.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if cluster.is_chief:
-        if args.lora_rank:
-            policy.backbone.save_lora_weights(str(args.output / "adapter.lora.safetensors"))
-            policy.backbone.merge_lora()  # the saved preset serves without adapters
-        policy.save_to_preset(preset)
-        recipe_common.finish(args.output)
-        print(f"saved {preset}")
+    recipe_common.save_result(policy, args, cluster, preset)
     return preset
 
 

@@ -19,7 +19,6 @@ and a rerun only reports it.
 import argparse
 import json
 import pathlib
-import time
 
 import recipe_common  # sets the backend from --backend before Keras loads
 from recipe_common import np
@@ -101,34 +100,13 @@ def main(argv=None, callbacks=()):
     backbone = keras_gemma.GemmaBackbone(**backbone_config(args, tokenizer.vocabulary_size()))
     preprocessor = keras_gemma.GemmaCausalLMPreprocessor(tokenizer, args.sequence_length)
     lm = keras_gemma.GemmaCausalLM(backbone, preprocessor)
-    lm.compile(
-        optimizer=recipe_common.make_optimizer(
-            args.learning_rate, args.steps, args.warmup_steps, args.weight_decay
-        )
-    )
     print(
         f"pretraining: {recipe_common.model_summary_line(lm)} documents={len(texts)} "
         f"rows={len(rows)}x{args.sequence_length}"
     )
 
-    batches = recipe_common.StepBatches(
-        rows,
-        rows_to_batch,
-        args.batch_size,
-        args.steps_per_epoch,
-        args.seed,
-        cluster.rank,
-        cluster.world_size,
-    )
-    start = time.perf_counter()
-    recipe_common.fit_resumable(
-        lm, batches, args.output, args.steps, cluster, args.verbose, callbacks
-    )
-    print(f"pretraining took {time.perf_counter() - start:.0f}s (this run)")
-    if cluster.is_chief:
-        lm.save_to_preset(preset)
-        recipe_common.finish(args.output)
-        print(f"saved {preset}")
+    recipe_common.train(lm, rows, rows_to_batch, args, cluster, callbacks, "pretraining")
+    recipe_common.save_result(lm, args, cluster, preset)
     return preset
 
 

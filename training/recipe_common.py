@@ -24,6 +24,7 @@ import os
 import pathlib
 import shutil
 import sys
+import time
 
 BACKENDS = ("jax", "torch", "tensorflow")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -388,6 +389,41 @@ def fit_resumable(lm, batches, output, total_steps, cluster, verbose=1, extra_ca
     if cluster.is_chief:
         plot_curves(log, output / "curves.png")
     return history
+
+
+def train(model, data, preprocess, args, cluster, callbacks, what):
+    """Compiles `model` with the recipes' optimizer and trains it resumably on
+    `data` in step-addressed batches (`StepBatches`)."""
+    model.compile(
+        optimizer=make_optimizer(
+            args.learning_rate, args.steps, args.warmup_steps, args.weight_decay
+        )
+    )
+    batches = StepBatches(
+        data,
+        preprocess,
+        args.batch_size,
+        args.steps_per_epoch,
+        args.seed,
+        cluster.rank,
+        cluster.world_size,
+    )
+    start = time.perf_counter()
+    fit_resumable(model, batches, args.output, args.steps, cluster, args.verbose, callbacks)
+    print(f"{what} took {time.perf_counter() - start:.0f}s (this run)")
+
+
+def save_result(model, args, cluster, preset):
+    """On the chief: saves the LoRA adapters (if any), merges them so the
+    preset serves without them, writes the preset and drops the backups."""
+    if not cluster.is_chief:
+        return
+    if getattr(args, "lora_rank", None):
+        model.backbone.save_lora_weights(str(args.output / "adapter.lora.safetensors"))
+        model.backbone.merge_lora()
+    model.save_to_preset(preset)
+    finish(args.output)
+    print(f"saved {preset}")
 
 
 def finish(output):

@@ -32,7 +32,6 @@ resumes from the last epoch's backup.
 import argparse
 import json
 import pathlib
-import time
 
 import recipe_common  # sets the backend from --backend before Keras loads
 from recipe_common import np
@@ -161,42 +160,18 @@ def main(argv=None, callbacks=()):
     model = GemmaRewardModel.from_preset(args.preset, **kwargs)
     model.center_rewards_coefficient = args.center_rewards_coefficient
     enable_lora(model, args)
-    model.compile(
-        optimizer=recipe_common.make_optimizer(
-            args.learning_rate, args.steps, args.warmup_steps, args.weight_decay
-        )
-    )
     print(
         f"reward model: {recipe_common.model_summary_line(model)} pairs={len(data['chosen'])} "
         f"trainable={trainable_count(model):,}"
     )
-    batches = recipe_common.StepBatches(
-        data,
-        model.preprocess,
-        args.batch_size,
-        args.steps_per_epoch,
-        args.seed,
-        cluster.rank,
-        cluster.world_size,
-    )
-    start = time.perf_counter()
-    recipe_common.fit_resumable(
-        model, batches, args.output, args.steps, cluster, args.verbose, callbacks
-    )
-    print(f"training took {time.perf_counter() - start:.0f}s (this run)")
+    recipe_common.train(model, data, model.preprocess, args, cluster, callbacks, "training")
     if args.validation_data is not None:
         held_out = read_preference_data(args.validation_data)
         metrics = model.evaluate(held_out, batch_size=args.batch_size, verbose=0, return_dict=True)
         print("held-out: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if cluster.is_chief:
             (args.output / "validation.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if cluster.is_chief:
-        if args.lora_rank:
-            model.backbone.save_lora_weights(str(args.output / "adapter.lora.safetensors"))
-            model.backbone.merge_lora()  # the preset holds merged weights and the head
-        model.save_to_preset(preset)
-        recipe_common.finish(args.output)
-        print(f"saved {preset}")
+    recipe_common.save_result(model, args, cluster, preset)
     return preset
 
 

@@ -34,7 +34,6 @@ the last epoch's backup and ends with the same weights.
 
 import argparse
 import pathlib
-import time
 
 import recipe_common  # sets the backend from --backend before Keras loads
 from recipe_common import np
@@ -180,36 +179,13 @@ def main(argv=None, callbacks=()):
         rows = row_count(lm.preprocessor, data, args.batch_size)
     if args.lora_rank:
         lm.backbone.enable_lora(args.lora_rank, target_layer_names=args.lora_targets.split(","))
-    lm.compile(
-        optimizer=recipe_common.make_optimizer(
-            args.learning_rate, args.steps, args.warmup_steps, args.weight_decay
-        )
-    )
     print(
         f"fine-tuning: {recipe_common.model_summary_line(lm)} examples={len(data)} "
         f"trainable={sum(int(np.prod(v.shape)) for v in lm.trainable_variables):,}"
     )
-    batches = recipe_common.StepBatches(
-        data,
-        FixedRows(lm.preprocessor, rows),
-        args.batch_size,
-        args.steps_per_epoch,
-        args.seed,
-        cluster.rank,
-        cluster.world_size,
-    )
-    start = time.perf_counter()
-    recipe_common.fit_resumable(
-        lm, batches, args.output, args.steps, cluster, args.verbose, callbacks
-    )
-    print(f"fine-tuning took {time.perf_counter() - start:.0f}s (this run)")
-    if cluster.is_chief:
-        if args.lora_rank:
-            lm.backbone.save_lora_weights(str(args.output / "adapter.lora.safetensors"))
-            lm.backbone.merge_lora()  # the saved preset serves without adapters
-        lm.save_to_preset(preset)
-        recipe_common.finish(args.output)
-        print(f"saved {preset}")
+    batch_rows = FixedRows(lm.preprocessor, rows)
+    recipe_common.train(lm, data, batch_rows, args, cluster, callbacks, "fine-tuning")
+    recipe_common.save_result(lm, args, cluster, preset)
     return preset
 
 
