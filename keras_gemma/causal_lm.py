@@ -153,7 +153,7 @@ class GemmaCausalLM(keras.Model):
         # already the logits: the same loss, without chunking.
         project = self.compute_logits if self._outputs_hidden else (lambda logits: logits)
         loss, correct = chunked_cross_entropy(
-            project, y_pred, y, sample_weight, self.loss_chunk_size
+            project, y_pred, y, sample_weight, self.loss_chunk_size, self.backbone.vocabulary_size
         )
         if sample_weight is None:
             count = ops.cast(ops.size(y), "float32")

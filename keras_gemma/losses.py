@@ -7,14 +7,17 @@ from keras import ops
 LOGITS_BUDGET = 2**25
 
 
-def chunked_cross_entropy(compute_logits, hidden, labels, sample_weight=None, chunk_size=None):
+def chunked_cross_entropy(
+    compute_logits, hidden, labels, sample_weight=None, chunk_size=None, vocabulary_size=None
+):
     """`(Σ w·cross-entropy, Σ w·[argmax == label])` over all positions.
 
     The logits (`compute_logits(hidden)`, float32 `[batch, positions, vocab]`)
     are made `chunk_size` positions at a time and each chunk is recomputed in
     the backward pass (`keras.remat`), so a 256k vocabulary never holds the
     whole `[batch, sequence, vocabulary]` logits or their gradient. Default
-    `chunk_size`: what fits `LOGITS_BUDGET` floats (at least 16 positions).
+    `chunk_size`: what fits `LOGITS_BUDGET` floats (at least 16 positions),
+    from `vocabulary_size` (found by projecting one position if not given).
 
     Example:
     >>> import numpy as np
@@ -38,8 +41,9 @@ def chunked_cross_entropy(compute_logits, hidden, labels, sample_weight=None, ch
 
     batch, length = hidden.shape[0], hidden.shape[1]
     if chunk_size is None and length is not None:
-        vocabulary = compute_logits(hidden[:1, :1]).shape[-1]
-        chunk_size = max(16, LOGITS_BUDGET // ((batch or 1) * vocabulary))
+        if vocabulary_size is None:
+            vocabulary_size = compute_logits(hidden[:1, :1]).shape[-1]
+        chunk_size = max(16, LOGITS_BUDGET // ((batch or 1) * vocabulary_size))
     if length is None or chunk_size >= length:
         totals = sums(hidden, labels, weights)
     else:
