@@ -11,6 +11,7 @@ from helpers import to_numpy
 from keras_gemma import BeamSampler
 from keras_gemma import GemmaCausalLM
 from keras_gemma import GemmaCausalLMPreprocessor
+from keras_gemma import RandomSampler
 from keras_gemma import TopKSampler
 from keras_gemma import TopPSampler
 from keras_gemma import generation
@@ -91,11 +92,49 @@ def test_degenerate_samplers_equal_greedy(lm, sampler):
     assert lm.generate(PROMPTS, max_length=20) == greedy
 
 
-@pytest.mark.parametrize("name", ["random", "top_k", "top_p", "beam"])
-def test_samplers_by_name(lm, name):
+@pytest.mark.parametrize(
+    "name, cls, defaults",
+    [
+        ("random", RandomSampler, {}),
+        ("top_k", TopKSampler, {"k": 5}),
+        ("top_p", TopPSampler, {"p": 0.1, "k": None}),
+        ("beam", BeamSampler, {"num_beams": 5}),
+    ],
+)
+def test_samplers_by_name(lm, name, cls, defaults):
+    # A name gives keras-hub's sampler with its defaults; what each one draws
+    # is checked in test_samplers.py.
     lm.compile(sampler=name)
+    assert type(lm.sampler) is cls
+    assert {key: getattr(lm.sampler, key) for key in defaults} == defaults
+    assert lm.sampler.temperature == 1.0
     texts = lm.generate(PROMPTS[:2], max_length=16)
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert [t[: len(p)] for t, p in zip(texts, PROMPTS)] == PROMPTS[:2]
+
+
+def test_strip_prompt_on_token_inputs_masks_the_prompt(lm):
+    lm.compile(sampler="greedy")
+    batch = lm.preprocessor.generate_preprocess(PROMPTS, sequence_length=20)
+    full = lm.generate(batch, stop_token_ids=None)
+    new = lm.generate(batch, stop_token_ids=None, strip_prompt=True)
+    assert (new["token_ids"] == full["token_ids"]).all()
+    # The mask covers the generated tokens only.
+    assert (new["padding_mask"] == full["padding_mask"] * (1 - batch["padding_mask"])).all()
+    lengths = batch["padding_mask"].sum(axis=1)
+    assert new["padding_mask"].sum(axis=1).tolist() == (20 - lengths).tolist()
+
+
+def test_stop_token_ids_are_validated(lm):
+    lm.compile(sampler="greedy")
+    for bad in ([384], [-1], [5, 400]):
+        with pytest.raises(ValueError, match="must be in \\[0, 384\\)"):
+            lm.generate("The", max_length=8, stop_token_ids=bad)
+    tokenizer = lm.preprocessor.tokenizer
+    assert lm.resolve_stop_token_ids("auto") == (tokenizer.end_token_id, tokenizer.end_of_turn_id)
+    assert lm.resolve_stop_token_ids(None) == ()
+    assert lm.resolve_stop_token_ids([3, np.int64(7)]) == (3, 7)
+    with pytest.raises(ValueError, match="needs a preprocessor"):
+        GemmaCausalLM(lm.backbone).generate({"token_ids": [[2]], "padding_mask": [[1]]})
 
 
 def test_beam_search_finds_the_most_likely_continuation():
