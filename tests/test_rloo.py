@@ -126,13 +126,43 @@ def test_fit_raises_a_programmatic_reward_with_current_weights_and_logs(tokenize
     rewards = history.history["reward"]
     assert np.mean(rewards[-2:]) > np.mean(rewards[:2]) + 0.05
     after = trainer.rollout(PROMPTS * 2)
-    assert trainer.last_rollout["rewards"].mean() > before + 0.1
+    assert trainer.last_rollout["rewards"].mean() > before + 0.05
     assert max(history.history["kl"]) > 0
     # Each rollout saw the weights after every earlier update: one rollout a
     # step (the build may peek at the first), each with different weights.
     steps = seen[-8:]
     assert len(seen) in (8, 9) and len(set(steps)) == 8
     assert after["token_ids"].shape[0] == 64
+
+
+def test_a_fit_split_in_two_repeats_an_uninterrupted_one(tokenizer):
+    """Rollouts are addressed by the optimizer's step, so fitting epoch 0, then
+    epoch 1 with `initial_epoch=1` (as a resumed recipe does), samples the same
+    completions and ends on the same weights as one fit of both epochs."""
+
+    def run(splits):
+        trainer = _trainer(tokenizer, num_generations=2, max_new_tokens=4, seed=3)
+        trainer.compile(optimizer=keras.optimizers.SGD(0.5))
+        completions = []
+
+        def record(*_, **__):
+            completions.append(trainer.last_rollout["completions"])
+
+        callback = keras.callbacks.LambdaCallback(on_train_batch_end=record)
+        for initial_epoch, epochs in splits:
+            trainer.fit(
+                PROMPTS[:3], batch_size=4, epochs=epochs, initial_epoch=initial_epoch,
+                steps_per_epoch=2, verbose=0, callbacks=[callback],
+            )  # fmt: skip
+        return completions, [to_numpy(v) for v in trainer.policy.trainable_variables]
+
+    whole, whole_weights = run([(0, 2)])
+    split, split_weights = run([(0, 1), (1, 2)])
+    assert len(whole) == 4 and split == whole
+    # Different steps sampled different prompts or completions.
+    assert len({tuple(c) for c in whole}) == 4
+    for a, b in zip(whole_weights, split_weights):
+        assert_close(a, b, atol=1e-6)
 
 
 def test_grpo_with_several_updates_per_rollout_clips_ratios(tokenizer):

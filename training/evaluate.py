@@ -1,10 +1,12 @@
-"""Evaluates a Gemma: exact match per task by the checker, and perplexity.
+"""Evaluates a Gemma: exact match per task by the checker, perplexity, and
+optionally a reward model's mean reward and the KL to a reference model.
 
 Usage:
 
     python training/evaluate.py --preset runs/sft/preset --output runs/eval \
         [--tasks heldout.jsonl] [--text heldout.txt] [--backend jax]
         [--format turns|plain] [--limit N] [--batch-size 64]
+        [--reward-model runs/rm/preset] [--reference runs/sft/preset]
 
 `--tasks` is JSONL of `{"task", "question", "answer"}` (as `toy_tasks.py`
 writes): each question is answered by greedy generation, prompted in Gemma's
@@ -12,9 +14,12 @@ turn format (`--format turns`, default) or as plain text
 (`--format plain`, the pretraining format: the question, then its answer), and judged by
 `toy_tasks.check`; `toy_tasks.score` gives the graded reward. `--text` is a
 text file, one document a line, whose perplexity (per predicted token) is
-reported. Writes `results.json`, `predictions.jsonl`, `log.csv` (one row per
-task) and `curves.png` (exact match per task) into `--output`. Evaluation is
-deterministic, so rerunning after a kill gives the same numbers.
+reported. `--reward-model` adds the mean reward of the greedy answers;
+`--reference` the KL to that model (nats per sequence, on two completions
+per question sampled at temperature 1). Writes `results.json`,
+`predictions.jsonl`, `log.csv` (one row per task) and `curves.png` (exact
+match per task) into `--output`. Evaluation is deterministic, so rerunning
+after a kill gives the same numbers.
 """
 
 import argparse
@@ -47,6 +52,14 @@ def parse_args(argv=None):
     parser.add_argument("--backend", choices=recipe_common.BACKENDS, default=None)
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the preset's)")
     parser.add_argument("--model-parallel", type=int, default=1, help="JAX: split weights")
+    parser.add_argument(
+        "--reward-model", help="a reward model preset: also report its mean reward of the answers"
+    )
+    parser.add_argument(
+        "--reference",
+        help="a preset (e.g. the SFT model): also report the KL to it, nats per sequence",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the KL's samples")
     return parser.parse_args(argv)
 
 
@@ -99,6 +112,42 @@ def exact_match(lm, examples, prompt_format="turns", batch_size=64, max_new_toke
     return results, predictions
 
 
+def mean_reward(reward_model, questions, answers, batch_size=64):
+    """A reward model's mean reward of `answers`, in the turn layout it was trained on."""
+    rewards = reward_model.predict(
+        {
+            "prompts": [prompt_for(q, "turns") for q in questions],
+            "responses": [a + "<end_of_turn>" for a in answers],
+        },
+        batch_size=batch_size,
+        verbose=0,
+    )
+    return float(np.mean(keras.ops.convert_to_numpy(rewards)))
+
+
+def kl_to_reference(lm, reference, questions, samples=2, max_new_tokens=24, seed=0, batch_size=64):
+    """KL(lm || reference) in nats per sequence, estimated on completions
+    sampled from `lm` at temperature 1: the mean of `Σ log π − log π_ref`
+    over each completion's tokens (its end token included)."""
+    from keras_gemma.alignment import GemmaPolicyOptimizer
+
+    sampler = GemmaPolicyOptimizer(
+        lm,
+        lambda prompts, completions: np.zeros(len(completions)),
+        num_generations=samples,
+        max_new_tokens=max_new_tokens,
+        kl_coefficient=0.0,
+        reference=reference,
+        seed=seed,
+    )
+    totals = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [prompt_for(q, "turns") for q in questions[start : start + batch_size]]
+        batch = sampler.rollout(prompts)
+        totals.append(batch["old_log_probs"].sum(axis=1) - batch["reference_log_probs"].sum(axis=1))
+    return float(np.concatenate(totals).mean())
+
+
 def perplexity(lm, texts, batch_size=64):
     """exp(mean negative log-likelihood per predicted token), `<eos>` included."""
     total, count = 0.0, 0.0
@@ -133,6 +182,20 @@ def main(argv=None):
             lm, examples, args.format, args.batch_size, args.max_new_tokens
         )
         results["tasks"] = per_task
+        questions = [p["question"] for p in predictions]
+        if args.reward_model:
+            from keras_gemma.alignment import GemmaRewardModel
+
+            scorer = GemmaRewardModel.from_preset(args.reward_model, **kwargs)
+            answers = [p["prediction"] for p in predictions]
+            results["reward"] = mean_reward(scorer, questions, answers, args.batch_size)
+            print(f"mean reward {results['reward']:.3f} ({args.reward_model})")
+        if args.reference:
+            reference = keras_gemma.GemmaCausalLM.from_preset(args.reference, **kwargs)
+            results["kl"] = kl_to_reference(
+                lm, reference, questions, 2, args.max_new_tokens, args.seed, args.batch_size
+            )
+            print(f"KL to {args.reference}: {results['kl']:.3f} nats per sequence")
         toy_tasks.write_jsonl(args.output / "predictions.jsonl", predictions)
         with open(args.output / "log.csv", "w", newline="") as file:
             writer = csv.writer(file)

@@ -349,22 +349,26 @@ def restore_backup(model, directory):
     return epochs_done
 
 
-def fit_resumable(lm, batches, output, total_steps, cluster, verbose=1, extra_callbacks=()):
-    """Runs `lm.fit` for `total_steps`, resuming from `output/backup`.
+def fit_resumable(
+    lm, data, output, total_steps, steps_per_epoch, cluster, verbose=1, extra_callbacks=(), **fit
+):
+    """Runs `lm.fit(data, ...)` for `total_steps`, resuming from `output/backup`.
 
-    Writes `output/log.csv` (one row per epoch) and `output/curves.png`.
-    A rerun after a kill restores the last epoch's backup and continues;
-    the backup is kept until the caller has saved the result and calls
-    `finish(output)`, so a kill in between cannot lose the run.
-    Returns the `History`.
+    `data` is a `StepBatches`, or anything whose batches are a function of
+    the step (an RLHF trainer's prompts: its rollouts follow the optimizer's
+    step count); `fit` holds further `fit` arguments. Writes
+    `output/log.csv` (one row per epoch) and `output/curves.png`. A rerun
+    after a kill restores the last epoch's backup and continues; the backup
+    is kept until the caller has saved the result and calls `finish(output)`,
+    so a kill in between cannot lose the run. Returns the `History`.
     """
     output = pathlib.Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    epochs = total_steps // batches.steps_per_epoch
-    if epochs * batches.steps_per_epoch != total_steps:
+    epochs = total_steps // steps_per_epoch
+    if epochs * steps_per_epoch != total_steps:
         raise SystemExit(
             f"--steps ({total_steps}) must be a multiple of --steps-per-epoch "
-            f"({batches.steps_per_epoch}), so every epoch ends on a backup."
+            f"({steps_per_epoch}), so every epoch ends on a backup."
         )
     backup = output / "backup" / f"rank{cluster.rank}"
     log = output / "log.csv"
@@ -373,18 +377,23 @@ def fit_resumable(lm, batches, output, total_steps, cluster, verbose=1, extra_ca
     initial_epoch = restore_backup(lm, backup)
     if initial_epoch == 0 and log.exists() and cluster.is_chief:
         log.unlink()  # A fresh start: the old log belongs to another run.
-    callbacks = [EpochSetter(batches), *cluster.callbacks(), StepTimer(), EpochBackup(backup)]
+    callbacks = [*cluster.callbacks(), StepTimer(), EpochBackup(backup)]
+    if isinstance(data, StepBatches):
+        callbacks.insert(0, EpochSetter(data))
+        fit = {"shuffle": False, **fit}
+    else:
+        fit = {"steps_per_epoch": steps_per_epoch, **fit}
     if cluster.is_chief:
         # After the backup, so a logged epoch is always a restorable one.
         callbacks.append(keras.callbacks.CSVLogger(str(log), append=True))
     callbacks.extend(extra_callbacks)
     history = lm.fit(
-        batches,
+        data,
         epochs=epochs,
         initial_epoch=initial_epoch,
-        shuffle=False,
         verbose=verbose,
         callbacks=callbacks,
+        **fit,
     )
     if cluster.is_chief:
         plot_curves(log, output / "curves.png")
@@ -409,7 +418,10 @@ def train(model, data, preprocess, args, cluster, callbacks, what):
         cluster.world_size,
     )
     start = time.perf_counter()
-    fit_resumable(model, batches, args.output, args.steps, cluster, args.verbose, callbacks)
+    fit_resumable(
+        model, batches, args.output, args.steps, args.steps_per_epoch, cluster, args.verbose,
+        callbacks,
+    )  # fmt: skip
     print(f"{what} took {time.perf_counter() - start:.0f}s (this run)")
 
 

@@ -133,6 +133,46 @@ def score(task, question, answer):
     return 0.5 * matches / max(len(expected), len(words))
 
 
+# How each task's questions begin: enough to tell a question's task.
+_QUESTION_PATTERNS = {
+    "sort": r"Sort from smallest to largest: ",
+    "reverse": r"Reverse the order of the words: ",
+    "count": r"How many times does the letter ",
+    "max": r"Which number is the largest: ",
+    "add": r"What is \d+ \+ ",
+    "sub": r"What is \d+ - ",
+}
+
+
+def task_of(question):
+    """The task a question belongs to, from its wording."""
+    for task, pattern in _QUESTION_PATTERNS.items():
+        if re.match(pattern, question):
+            return task
+    raise ValueError(f"Not a toy-task question: {question!r}")
+
+
+def question_of(prompt):
+    """The question inside a prompt in Gemma's turn format (or the prompt itself)."""
+    match = re.search(r"<start_of_turn>user\n(.*?)<end_of_turn>", prompt, re.S)
+    return (match.group(1) if match else prompt).strip()
+
+
+def reward(prompts, completions):
+    r"""`score` as an RLHF reward: `reward(prompts, completions) -> floats`.
+
+    Example:
+    >>> reward(["<start_of_turn>user\nWhat is 2 + 3?<end_of_turn>\n<start_of_turn>model\n"],
+    ...        ["5"])
+    [1.0]
+    """
+    values = []
+    for prompt, completion in zip(prompts, completions):
+        question = question_of(prompt)
+        values.append(score(task_of(question), question, completion.split("\n")[0]))
+    return values
+
+
 def make_splits(num_train, num_heldout, seed=0, tasks=TASKS, train_scale=None):
     """Train and held-out examples, `num_*` per task, disjoint by question.
 

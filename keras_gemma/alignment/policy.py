@@ -245,6 +245,9 @@ class ReferencePolicy:
 
     Args:
         lm: the policy, a `GemmaCausalLM`, in the state to use as reference.
+        as_is: use `lm` itself, adapters and all, with no copy: for a
+            reference that is a separate model (e.g. the SFT model when
+            measuring how far a trained policy moved).
 
     Example:
     >>> import numpy as np
@@ -261,10 +264,12 @@ class ReferencePolicy:
     (1, 2)
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, as_is=False):
         self.lm = lm
-        self.uses_adapters = lora_state(lm.backbone) is not None
-        if self.uses_adapters:
+        self.uses_adapters = not as_is and lora_state(lm.backbone) is not None
+        if as_is:
+            self.model = lm
+        elif self.uses_adapters:
             trained = [
                 layer.name
                 for layer in _lora_layers(lm.backbone)

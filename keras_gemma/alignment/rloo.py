@@ -178,9 +178,18 @@ class _Reward:
 
 
 class _Rollouts:
-    """Makes each step's rollout batch, once, with the weights of that step."""
+    """Makes each step's rollout batch, once, with the weights of that step.
 
-    def __init__(self, trainer, prompts, prompts_per_batch, shuffle):
+    What a step samples is a function of its global step (the optimizer's
+    `iterations`) alone: rollout `r` (serving steps `r * num_updates`
+    onwards) takes positions `[r * P, (r + 1) * P)` of an endless stream of
+    passes over the prompts (pass `p` a permutation drawn from `(seed, p)`)
+    and samples with the seed state `(seed, r)`. So training resumed from a
+    backup of the weights and optimizer makes the same rollouts as an
+    uninterrupted run, and a second `fit` continues the stream.
+    """
+
+    def __init__(self, trainer, prompts, prompts_per_batch, shuffle, steps_per_epoch=None):
         self.trainer = trainer
         self.prompts = prompts
         self.prompts_per_batch = prompts_per_batch
@@ -189,26 +198,28 @@ class _Rollouts:
         lengths = [len(ids) for ids in policy.preprocessor.tokenizer.tokenize(prompts)]
         start = int(policy.preprocessor.add_start_token)
         self.width = max(lengths) + start + trainer.max_new_tokens
-        self.steps_per_epoch = math.ceil(len(prompts) / prompts_per_batch) * trainer.num_updates
-        self.rng = np.random.default_rng(trainer.seed)
-        self.order = []  # prompt indices still to serve, across epochs
+        self.steps_per_epoch = steps_per_epoch or (
+            math.ceil(len(prompts) / prompts_per_batch) * trainer.num_updates
+        )
+        self._orders = {}
         self.batch = None  # the current rollout
-        self.uses_left = 0  # steps it still serves
+        self.batch_rollout = None  # its rollout number
         self.ready = False  # made for the coming step, not yet fetched
         self.fetched = False  # the current step's batch was fetched
         self.training = False
 
-    def _next_prompts(self):
-        while len(self.order) < self.prompts_per_batch:
+    def _order(self, data_pass):
+        if data_pass not in self._orders:
             indices = np.arange(len(self.prompts))
             if self.shuffle:
-                self.rng.shuffle(indices)
-            self.order.extend(indices.tolist())
-        chosen, self.order = (
-            self.order[: self.prompts_per_batch],
-            self.order[self.prompts_per_batch :],
-        )
-        return [self.prompts[i] for i in chosen]
+                np.random.default_rng([self.trainer.seed, data_pass]).shuffle(indices)
+            self._orders = {data_pass: indices}
+        return self._orders[data_pass]
+
+    def _prompts_of(self, rollout):
+        n, size = self.prompts_per_batch, len(self.prompts)
+        positions = range(rollout * n, (rollout + 1) * n)
+        return [self.prompts[self._order(p // size)[p % size]] for p in positions]
 
     def prepare(self):
         """Makes (or reuses) the rollout for the coming step."""
@@ -217,10 +228,18 @@ class _Rollouts:
         sync = getattr(self.trainer, "jax_state_sync", None)
         if sync is not None:
             sync()  # JAX keeps the weights out of the variables during `fit`
-        if self.uses_left == 0:
-            self.batch = self.trainer.rollout(self._next_prompts(), self.width)
-            self.uses_left = self.trainer.num_updates
-        self.uses_left -= 1
+        # The optimizer's step counter is the global step: a restored backup
+        # and a second `fit` both continue the stream where it stopped.
+        step = int(ops.convert_to_numpy(self.trainer.optimizer.iterations))
+        rollout = step // self.trainer.num_updates
+        if rollout != self.batch_rollout:
+            self.trainer.sampler.seed_generator.state.assign(
+                np.array([self.trainer.seed, rollout]).astype(
+                    self.trainer.sampler.seed_generator.state.dtype
+                )
+            )
+            self.batch = self.trainer.rollout(self._prompts_of(rollout), self.width)
+            self.batch_rollout = rollout
         self.ready = True
 
     def fetch(self):
@@ -350,7 +369,11 @@ class GemmaPolicyOptimizer(keras.Model):
         truncation_penalty: subtracted from the reward of completions with no
             end token (TRL's `missing_eos_penalty`); None for no penalty.
         end_token_ids: `"auto"` (`<eos>` and `<end_of_turn>`) or ids.
-        seed: seeds sampling and the prompt order.
+        reference: a separate `GemmaCausalLM` (same tokenizer) to measure
+            the KL against, used as is; default: the policy as constructed.
+        seed: seeds sampling and the prompt order; each step's rollout is a
+            function of the seed and the optimizer's step count, so a run
+            resumed from a backup repeats an uninterrupted one.
 
     Example:
     >>> import keras
@@ -385,6 +408,7 @@ class GemmaPolicyOptimizer(keras.Model):
         clip_epsilon=0.2,
         truncation_penalty=None,
         end_token_ids="auto",
+        reference=None,
         seed=None,
         **kwargs,
     ):
@@ -414,14 +438,20 @@ class GemmaPolicyOptimizer(keras.Model):
         self.num_updates = num_updates
         self.clip_epsilon = clip_epsilon
         self.truncation_penalty = truncation_penalty
-        self.seed = seed
+        # Unseeded, the seed comes from NumPy's global state, so
+        # `keras.utils.set_random_seed` still reproduces a run.
+        self.seed = int(np.random.randint(2**31 - 1)) if seed is None else int(seed)
         self.end_token_ids = policy.resolve_stop_token_ids(end_token_ids)
         if not self.end_token_ids:
             raise ValueError("`end_token_ids` must name at least one token that ends a completion.")
-        self.sampler = samplers.RandomSampler(temperature=temperature, seed=seed)
+        self.sampler = samplers.RandomSampler(temperature=temperature, seed=self.seed)
         self.reward_function = _Reward(reward, policy)
         # Plain attributes of plain objects: neither is trained or tracked.
-        self.reference = ReferencePolicy(policy)
+        if reference is None:
+            self.reference = ReferencePolicy(policy)
+        else:
+            check_same_tokenizer(reference, policy, ("reference", "policy"))
+            self.reference = ReferencePolicy(reference, as_is=True)
         self._metric_trackers = [keras.metrics.Mean(name=name) for name in ROLLOUT_METRICS]
         self._clip_ratio = keras.metrics.Mean(name="clip_ratio")
         self.last_rollout = None  # texts and rewards of the latest rollout
@@ -584,7 +614,8 @@ class GemmaPolicyOptimizer(keras.Model):
             callbacks: Keras callbacks; they see the metrics above.
             shuffle: shuffle the prompts each pass.
             **kwargs: other `keras.Model.fit` arguments (`verbose`,
-                `initial_epoch`, `steps_per_epoch`).
+                `initial_epoch`, `steps_per_epoch`: steps per epoch when an
+                epoch should not be one pass over the prompts).
 
         Returns:
             A `keras.callbacks.History`.
@@ -614,7 +645,9 @@ class GemmaPolicyOptimizer(keras.Model):
             )
         if not self.compiled:
             self.compile()
-        rollouts = _Rollouts(self, prompts, batch_size // k, shuffle)
+        rollouts = _Rollouts(
+            self, prompts, batch_size // k, shuffle, kwargs.pop("steps_per_epoch", None)
+        )
         callbacks = [_RolloutCallback(rollouts), *(callbacks or [])]
         with self._sampling():
             return super().fit(
