@@ -95,6 +95,12 @@ class DataParallel(keras.callbacks.Callback):
     gradient as backpropagation produces it (so communication overlaps the
     rest of the backward pass, as in `DistributedDataParallel`). The hooks
     are removed when `fit` ends.
+
+    The result is the gradient of the mean of the ranks' losses. Each rank's
+    loss is a mean over its own target tokens, so this equals one process on
+    the whole batch when every rank's batch holds the same number of target
+    tokens (sum of `sample_weight`); with unequal counts a rank's tokens weigh
+    in proportion to 1 / its count, as with `DistributedDataParallel`.
     """
 
     def __init__(self, broadcast_weights=True):
