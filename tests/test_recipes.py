@@ -1,11 +1,13 @@
-"""The training recipes in training/: a miniature of the stage-1 toy pipeline,
-each script's --help, the task checker, and resume after an interruption.
+"""The training recipes in training/: a miniature of the toy pipeline (stage 1
+and stage 2), each script's --help, the task checker, and resume after an
+interruption.
 
 The recipes run in this process (their `main(argv)`), on the backend the
 suite runs on, so each backend is covered by its own pytest run.
 """
 
 import csv
+import importlib.util
 import json
 import os
 import pathlib
@@ -19,24 +21,30 @@ import pytest
 TRAINING = pathlib.Path(__file__).resolve().parents[1] / "training"
 sys.path.insert(0, str(TRAINING))
 
+import dpo  # noqa: E402
 import evaluate  # noqa: E402
+import preference_pairs  # noqa: E402
 import pretrain  # noqa: E402
 import recipe_common  # noqa: E402
+import reward_model  # noqa: E402
+import rlhf  # noqa: E402
 import sft  # noqa: E402
 import toy_pipeline  # noqa: E402
 import toy_tasks  # noqa: E402
 import train_tokenizer  # noqa: E402
 
 from keras_gemma import GemmaCausalLM  # noqa: E402
+from keras_gemma import format_turns  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
-    """The tiny stage-1 pipeline, run once for the module."""
+    """The tiny pipeline, both stages, run once for the module."""
     output = tmp_path_factory.mktemp("stage1")
     summary = toy_pipeline.main(
-        ["--tiny", "--output", str(output), "--verbose", "0", "--save-preset", str(output / "ship")]
-    )
+        ["--stage", "2", "--tiny", "--output", str(output), "--verbose", "0",
+         "--save-preset", str(output / "ship")]
+    )  # fmt: skip
     return output, summary
 
 
@@ -60,10 +68,46 @@ def test_miniature_pipeline_outputs(stage1):
     assert (output / "tokenizer" / "vocabulary.spm").is_file()
     predictions = toy_tasks.read_jsonl(output / "eval_sft" / "predictions.jsonl")
     assert len(predictions) == 5 * 8
-    # The shipped copy: the SFT preset, its held-out questions, the command.
+    # The shipped copy: the best preset, its held-out questions, the command.
     ship = output / "ship"
     assert (ship / "model.weights.h5").is_file() and (ship / "heldout.jsonl").is_file()
     assert "toy_pipeline.py" in (ship / "README.md").read_text()
+
+
+def test_miniature_stage2_outputs(stage1):
+    output, summary = stage1
+    table = (output / "table.md").read_text()
+    for model in toy_pipeline.STAGE2_MODELS:
+        assert f"| {model} |" in table
+        assert set(summary[model]["tasks"]) == {*toy_tasks.TASKS, "all"}
+        assert np.isfinite(summary[model]["reward"]) and np.isfinite(summary[model]["kl"])
+    assert "pairwise accuracy" in table
+    assert 0.0 <= summary["reward_model"]["accuracy"] <= 1.0
+    # Every pair's chosen answer grades above its rejected one.
+    for pair in toy_tasks.read_jsonl(output / "pairs" / "train.jsonl"):
+        task, question = pair["task"], pair["prompt"]
+        assert toy_tasks.score(task, question, pair["chosen"]) > toy_tasks.score(
+            task, question, pair["rejected"]
+        )
+    for run in ("rlhf_reward_model", "rlhf_checker"):
+        with open(output / run / "log.csv") as file:
+            rows = list(csv.DictReader(file))
+        assert [int(r["epoch"]) for r in rows] == [0, 1]
+        for key in ("reward", "kl", "entropy", "completions/mean_length", "loss"):
+            assert all(np.isfinite(float(r[key])) for r in rows), key
+        assert (output / run / "samples.txt").read_text().startswith("=== epoch 1")
+    # The SFT model is its own reference: KL 0 up to float error.
+    assert abs(summary["sft"]["kl"]) < 1e-3
+    # The shipped model is the best one, and only if it beat SFT.
+    best = summary["best"]
+    sft_match = summary["sft"]["tasks"]["all"]["exact_match"]
+    if best == "sft":
+        assert all(summary[m]["tasks"]["all"]["exact_match"] <= sft_match
+                   for m in toy_pipeline.STAGE2_MODELS)  # fmt: skip
+    else:
+        assert summary[best]["tasks"]["all"]["exact_match"] > sft_match
+    if importlib.util.find_spec("matplotlib"):
+        assert (output / "stage2_curves.png").stat().st_size > 0
 
 
 def test_rerun_after_completion_skips_training(stage1, capsys):
@@ -150,6 +194,77 @@ def test_sft_with_lora_resumes_after_interruption_to_the_same_weights(stage1, tm
     assert (tmp_path / "interrupted" / "adapter.lora.safetensors").is_file()
 
 
+def length_reward(prompts, completions):
+    """A reward that tells the miniature's samples apart (the checker gives
+    its answers all 0, hence no gradient)."""
+    return [float(len(c)) for c in completions]
+
+
+def test_rlhf_with_lora_resumes_after_interruption_to_the_same_weights(stage1, tmp_path):
+    output, _ = stage1
+
+    def argv(run):
+        return [
+            "--preset", str(output / "sft" / "preset"), "--lora-rank", "2",
+            "--prompts", str(output / "data" / "heldout.jsonl"), "--reward", f"{__name__}:length_reward",
+            "--output", str(tmp_path / run), "--steps", "4", "--steps-per-epoch", "2",
+            "--batch-size", "4", "--num-generations", "2", "--max-new-tokens", "4",
+            "--learning-rate", "0.01", "--verbose", "0",
+        ]  # fmt: skip
+
+    rlhf.main(argv("straight"))
+    with pytest.raises(KeyboardInterrupt):
+        rlhf.main(argv("interrupted"), callbacks=[Interrupt(3)])
+    assert (tmp_path / "interrupted" / "backup").exists()
+    rlhf.main(argv("interrupted"))
+    straight = _weights(tmp_path / "straight" / "preset")
+    _assert_same_weights(straight, _weights(tmp_path / "interrupted" / "preset"))
+    # And it trained: the merged adapters moved the weights.
+    start = _weights(output / "sft" / "preset")
+    assert any(not np.array_equal(a, b) for a, b in zip(start, straight))
+    assert (tmp_path / "interrupted" / "adapter.lora.safetensors").is_file()
+
+
+def test_rlhf_recipe_names_bad_input(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"question": "Q"}) + "\n" + json.dumps({"text": "Q"}) + "\n")
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: .*'prompt' or 'question'"):
+        rlhf.read_prompts(path)
+    path.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Q"},
+                                 {"role": "assistant", "content": "A"}]}) + "\n"
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="end on a user turn"):
+        rlhf.read_prompts(path)
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Q"}]}) + "\n")
+    assert rlhf.read_prompts(path) == [format_turns([("user", "Q")])]
+    with pytest.raises(SystemExit, match="neither a directory nor module:function"):
+        rlhf.load_reward(str(tmp_path / "missing"))
+    with pytest.raises(SystemExit, match="toy_tasks:nothing"):
+        rlhf.load_reward("toy_tasks:nothing")
+    assert rlhf.load_reward("toy_tasks:reward") is toy_tasks.reward
+
+
+def test_preference_pairs_best_against_worst():
+    examples = [
+        {"task": "add", "question": "What is 2 + 3?", "answer": "5"},
+        {"task": "add", "question": "What is 4 + 4?", "answer": "8"},
+        {"task": "sort", "question": "Sort from smallest to largest: 3 1 2", "answer": "1 2 3"},
+    ]
+    answers = [["4", "5", "cat", "5"], ["9", "9", "9", "9"], ["1 3 2", "3 1 2", "1 2 4"]]
+    pairs = preference_pairs.make_pairs(examples, answers)
+    # Equal grades give no pair; "1 2 4" (2 of 3 in place) beats "3 1 2" (none).
+    assert pairs == [
+        {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "cat", "task": "add"},
+        {"prompt": examples[2]["question"], "chosen": "1 2 4", "rejected": "3 1 2",
+         "task": "sort"},
+    ]  # fmt: skip
+    with_reference = preference_pairs.make_pairs(examples, answers, add_reference=True)
+    assert with_reference[1] == {
+        "prompt": "What is 4 + 4?", "chosen": "8", "rejected": "9", "task": "add"
+    }  # fmt: skip
+
+
 def test_step_batches_depend_only_on_the_step():
     examples = [str(i) for i in range(10)]
     batches = recipe_common.StepBatches(examples, lambda batch: batch, 4, 3, seed=1)
@@ -169,7 +284,19 @@ def test_step_batches_depend_only_on_the_step():
 
 
 @pytest.mark.parametrize(
-    "module", [toy_tasks, train_tokenizer, pretrain, sft, evaluate, toy_pipeline]
+    "module",
+    [
+        toy_tasks,
+        train_tokenizer,
+        pretrain,
+        sft,
+        evaluate,
+        toy_pipeline,
+        preference_pairs,
+        reward_model,
+        rlhf,
+        dpo,
+    ],
 )
 def test_help(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -207,6 +334,15 @@ def test_checker_and_reward():
     assert toy_tasks.score("sort", question, "1 3 5") == 1.0
     assert toy_tasks.score("sort", question, "1 5 3") == pytest.approx(0.5 / 3)
     assert toy_tasks.solve("count", 'How many times does the letter r appear in "berry"?') == "2"
+    # As an RLHF reward: the task is read from the question inside the turn format.
+    for example in heldout:
+        assert toy_tasks.task_of(example["question"]) == example["task"]
+    prompts = [format_turns([("user", e["question"])]) for e in heldout]
+    answers = [e["answer"] if i % 2 else "0" for i, e in enumerate(heldout)]
+    expected = [toy_tasks.score(e["task"], e["question"], a) for e, a in zip(heldout, answers)]
+    assert toy_tasks.reward(prompts, answers) == expected
+    with pytest.raises(ValueError, match="Not a toy-task question"):
+        toy_tasks.task_of("What is the capital of France?")
 
 
 def test_sft_reads_every_data_layout(tmp_path):
