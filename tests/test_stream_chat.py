@@ -6,6 +6,7 @@ from keras_gemma import BeamSampler
 from keras_gemma import ChatSession
 from keras_gemma import GemmaCausalLM
 from keras_gemma import GemmaCausalLMPreprocessor
+from keras_gemma import GreedySampler
 from keras_gemma import TopKSampler
 from keras_gemma import format_turns
 
@@ -83,3 +84,68 @@ def test_chat_session_keeps_history_and_stops_at_end_of_turn(lm, tokenizer):
     assert len(tokenizer.tokenize(prompt)) <= 30
     with pytest.raises(ValueError, match="non-empty string"):
         chat.send("")
+
+
+class _EndTurnOn(GreedySampler):
+    """Greedy, except that the model's pick `token` comes out as `<end_of_turn>`:
+    an untrained model that ends its turn where it would have said `token`."""
+
+    def __init__(self, token, end_of_turn_id):
+        super().__init__()
+        self.token, self.end_of_turn_id = token, end_of_turn_id
+
+    def get_next_token(self, probabilities):
+        pick = super().get_next_token(probabilities)
+        return keras.ops.where(pick == self.token, self.end_of_turn_id, pick)
+
+
+def test_chat_reply_ends_at_the_models_end_of_turn(lm, tokenizer):
+    lm.compile(sampler="greedy")
+    prompt = format_turns([("user", "Hi")])
+    batch = lm.preprocessor.generate_preprocess([prompt], sequence_length=40)
+    length = int(batch["padding_mask"].sum())
+    free = lm.generate(batch, stop_token_ids=None)["token_ids"][0, length:].tolist()
+    token = free[3]
+    end = free.index(token)
+    assert end < len(free) - 1  # the free run goes on past it
+    expected = tokenizer.detokenize(free[:end])
+    for stream in (False, True):
+        lm.compile(sampler=_EndTurnOn(token, tokenizer.end_of_turn_id))
+        chat = ChatSession(lm, max_length=80)  # the history fits the next prompt
+        reply = chat.send("Hi", stream=stream)
+        reply = "".join(reply) if stream else reply
+        assert reply == expected
+        assert chat.turns == [("user", "Hi"), ("model", expected)]
+        # The next prompt closes the reply with the marker the model emitted.
+        assert chat._prompt("Bye") == format_turns(
+            [("user", "Hi"), ("model", expected), ("user", "Bye")]
+        )
+
+
+def test_chat_history_is_trimmed_oldest_first_and_reset(lm, tokenizer):
+    chat = ChatSession(lm, max_length=200)  # prompts up to 150 tokens
+    first = [("user", "Hi"), ("model", "Hello, the quick brown fox. " * 3)]
+    chat.turns = first + [("user", "Red?"), ("model", "Blue")]
+
+    def size(turns):
+        return len(tokenizer.tokenize(format_turns(turns)))
+
+    # Everything fits: the whole history is kept.
+    assert size(chat.turns + [("user", "Ok")]) <= 150
+    assert chat._prompt("Ok") == format_turns(chat.turns + [("user", "Ok")])
+    # The shortest message that overflows the budget with the whole history
+    # drops the oldest exchange, and only it.
+    words = 1
+    while size(chat.turns + [("user", "sea shells " * words)]) <= 150:
+        words += 1
+    message = "sea shells " * words
+    kept = chat.turns[2:] + [("user", message)]
+    assert size(kept) <= 150
+    assert chat._prompt(message) == format_turns(kept)
+    # A message too long on its own is still sent (alone).
+    long = "sea shells " * 80
+    assert chat._prompt(long) == format_turns([("user", long)])
+    assert chat.turns[:2] == first  # trimming a prompt keeps the record
+    chat.reset()
+    assert chat.turns == []
+    assert chat._prompt("Ok") == format_turns([("user", "Ok")])
