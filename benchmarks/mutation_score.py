@@ -1,0 +1,231 @@
+"""Mutation score of the fast test subset: how many small code changes it catches.
+
+Not part of CI. Each mutant changes one operator or constant in the model
+math (`keras_gemma/layers/`, `samplers.py`, `preprocessor.py`, `chat.py`,
+`lora.py`): `+`/`-`, `*`/`/`, a comparison flipped or loosened, a number moved
+by one, `True`/`False`, a unary minus dropped. A random sample of them (fixed
+seed) is run against the tests, one mutant at a time, on a copy of the package
+placed first on `PYTHONPATH`; a mutant is killed when the tests fail (or run
+past the time limit). Survivors are listed so they can be read: some are
+equivalent (a change no behaviour can show), the rest are gaps in the tests.
+
+    # the score with the tests as they are
+    KERAS_BACKEND=torch python benchmarks/mutation_score.py --sample 40
+    # the same mutants against the tests of an older commit
+    KERAS_BACKEND=torch python benchmarks/mutation_score.py --sample 40 --tests-from <commit>
+"""
+
+import argparse
+import ast
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGETS = [
+    "keras_gemma/layers/attention.py",
+    "keras_gemma/layers/decoder_block.py",
+    "keras_gemma/layers/feed_forward.py",
+    "keras_gemma/layers/projection.py",
+    "keras_gemma/layers/rms_normalization.py",
+    "keras_gemma/layers/rotary_embedding.py",
+    "keras_gemma/samplers.py",
+    "keras_gemma/preprocessor.py",
+    "keras_gemma/chat.py",
+    "keras_gemma/lora.py",
+]
+# The fast subset: the tests of the mutated modules that run in seconds on
+# torch (test_generate.py and test_lora.py take minutes; add them with --tests).
+TESTS = [
+    "tests/test_layers.py",
+    "tests/test_samplers.py",
+    "tests/test_preprocessor.py",
+    "tests/test_stream_chat.py",
+]
+
+_SWAPS = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.Div,
+    ast.Div: ast.Mult,
+    ast.FloorDiv: ast.Mult,
+    ast.Mod: ast.FloorDiv,
+    ast.Pow: ast.Mult,
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.And: ast.Or,
+    ast.Or: ast.And,
+}
+
+
+def _docstring_nodes(tree):
+    skip = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                skip.add(id(body[0].value))
+    return skip
+
+
+def mutation_points(source):
+    """`(index, line, description)` of every mutation `mutate` can apply."""
+    tree = ast.parse(source)
+    skip = _docstring_nodes(tree)
+    points = []
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, (ast.BinOp, ast.BoolOp)) and type(node.op) in _SWAPS:
+            points.append((line, f"{type(node.op).__name__} -> {_SWAPS[type(node.op)].__name__}"))
+        elif isinstance(node, ast.Compare):
+            for op in node.ops:
+                if type(op) in _SWAPS:
+                    points.append((line, f"{type(op).__name__} -> {_SWAPS[type(op)].__name__}"))
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            points.append((line, "drop unary -"))
+        elif isinstance(node, ast.Constant) and id(node) not in skip:
+            if isinstance(node.value, bool):
+                points.append((line, f"{node.value} -> {not node.value}"))
+            elif isinstance(node.value, (int, float)):
+                points.append((line, f"{node.value!r} -> {node.value + 1!r}"))
+    return points
+
+
+def mutate(source, index):
+    """`source` with mutation point `index` (in `mutation_points` order) applied."""
+    tree = ast.parse(source)
+    skip = _docstring_nodes(tree)
+    counter = 0
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.BinOp, ast.BoolOp)) and type(node.op) in _SWAPS:
+            if counter == index:
+                node.op = _SWAPS[type(node.op)]()
+                return ast.unparse(tree)
+            counter += 1
+        elif isinstance(node, ast.Compare):
+            for i, op in enumerate(node.ops):
+                if type(op) in _SWAPS:
+                    if counter == index:
+                        node.ops[i] = _SWAPS[type(op)]()
+                        return ast.unparse(tree)
+                    counter += 1
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            if counter == index:
+                node.op = ast.UAdd()
+                return ast.unparse(tree)
+            counter += 1
+        elif isinstance(node, ast.Constant) and id(node) not in skip:
+            if isinstance(node.value, bool):
+                if counter == index:
+                    node.value = not node.value
+                    return ast.unparse(tree)
+                counter += 1
+            elif isinstance(node.value, (int, float)):
+                if counter == index:
+                    node.value = node.value + 1
+                    return ast.unparse(tree)
+                counter += 1
+    raise IndexError(index)
+
+
+def run_tests(package_parent, tests_dir, tests, timeout):
+    """pytest's return code (124 on timeout) with `package_parent` first on the path."""
+    env = dict(os.environ, PYTHONPATH=package_parent, TF_CPP_MIN_LOG_LEVEL="3")
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        tests_dir,
+        "-c",
+        os.path.join(ROOT, "pyproject.toml"),
+    ] + [os.path.join(tests_dir, os.path.relpath(t, "tests")) for t in tests]
+    try:
+        # cwd outside the repository, so the mutated copy is the one imported.
+        result = subprocess.run(
+            command, cwd=package_parent, env=env, capture_output=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return 124
+    return result.returncode
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sample", type=int, default=40, help="mutants to run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", type=float, default=3600, help="seconds in all")
+    parser.add_argument("--tests", nargs="*", default=TESTS)
+    parser.add_argument("--tests-from", help="a commit whose tests/ to run instead")
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="mutation_")
+    try:
+        tests_dir = os.path.join(work, "tests")
+        if args.tests_from:
+            os.makedirs(tests_dir)
+            archive = subprocess.run(
+                ["git", "archive", args.tests_from, "tests"],
+                cwd=ROOT,
+                capture_output=True,
+                check=True,
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", work], input=archive, check=True)
+        else:
+            shutil.copytree(os.path.join(ROOT, "tests"), tests_dir)
+        tests = [t for t in args.tests if os.path.exists(os.path.join(work, t))]
+        package = os.path.join(work, "pkg")
+        shutil.copytree(os.path.join(ROOT, "keras_gemma"), os.path.join(package, "keras_gemma"))
+
+        start = time.time()
+        if run_tests(package, tests_dir, tests, timeout=args.budget) != 0:
+            sys.exit("The tests fail without any mutation; fix that first.")
+        baseline = time.time() - start
+        print(f"tests: {' '.join(tests)}; unmutated run {baseline:.0f} s", flush=True)
+
+        candidates = []
+        for target in TARGETS:
+            source = open(os.path.join(ROOT, target)).read()
+            for index, (line, what) in enumerate(mutation_points(source)):
+                candidates.append((target, index, line, what))
+        random.Random(args.seed).shuffle(candidates)
+        print(f"{len(candidates)} mutation points; sampling {args.sample}", flush=True)
+
+        killed, survived, deadline = [], [], time.time() + args.budget
+        for target, index, line, what in candidates[: args.sample]:
+            if time.time() > deadline:
+                print("time budget spent", flush=True)
+                break
+            path = os.path.join(package, target)
+            original = open(os.path.join(ROOT, target)).read()
+            with open(path, "w") as f:
+                f.write(mutate(original, index))
+            code = run_tests(package, tests_dir, tests, timeout=3 * baseline + 30)
+            with open(path, "w") as f:
+                f.write(original)
+            outcome = killed if code != 0 else survived
+            outcome.append(f"{target}:{line} {what}")
+            print(f"{'killed  ' if code else 'SURVIVED'} {target}:{line} {what}", flush=True)
+
+        total = len(killed) + len(survived)
+        print(f"\nscore: {len(killed)}/{total} killed ({100 * len(killed) / max(total, 1):.0f}%)")
+        for mutant in survived:
+            print("  survived:", mutant)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
