@@ -94,6 +94,49 @@ def test_completion_log_probs_are_differentiable():
     assert sum(float(np.abs(g).sum()) for g in grads) > 0
 
 
+def test_chunked_log_probs_equal_the_full_logits_and_their_gradients(monkeypatch):
+    """With the logits budget cut, positions are scored 16 at a time (three
+    chunks of 40 tokens); values, entropies and gradients equal the plain
+    computation from the whole `[batch, length, vocabulary]` logits."""
+    lm = _lm()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(2, 40, (2, 40)).astype("int32")
+    padding = np.ones_like(ids)
+    padding[1, 30:] = 0
+    completion = np.zeros_like(ids)
+    completion[0, 5:] = 1
+    completion[1, 20:30] = 1
+    variables = lm.backbone.trainable_variables
+
+    def plain():
+        hidden = lm.backbone({"token_ids": ids, "padding_mask": padding})
+        logits = ops.cast(lm.compute_logits(hidden[:, :-1]), "float32")
+        log_probs = ops.log_softmax(logits, axis=-1)
+        per_token = ops.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]
+        entropy = -ops.sum(ops.exp(log_probs) * log_probs, axis=-1)
+        mask = completion[:, 1:].astype("float32")
+        return per_token * mask, entropy * mask
+
+    expected_value, expected_grads = value_and_gradients(
+        lambda: ops.sum(plain()[0] * np.linspace(1, 2, 39, dtype="float32")), variables
+    )
+    expected_log_probs, expected_entropy = (to_numpy(x) for x in plain())
+    monkeypatch.setattr("keras_gemma.losses.LOGITS_BUDGET", 1)
+    value, grads = value_and_gradients(
+        lambda: ops.sum(
+            completion_log_probs(lm, ids, padding, completion)[0]
+            * np.linspace(1, 2, 39, dtype="float32")
+        ),
+        variables,
+    )
+    assert_close(value, expected_value, atol=1e-4)
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e, atol=1e-5)
+    log_probs, entropy = score_completions(lm, ids, padding, completion)
+    assert_close(log_probs, expected_log_probs, atol=1e-5)
+    assert_close(entropy, expected_entropy, atol=1e-5)
+
+
 def test_adapters_off_reference_equals_a_frozen_copy():
     lm = _lm()
     copy = frozen_copy(lm)  # before LoRA: the base model

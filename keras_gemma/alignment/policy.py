@@ -13,21 +13,39 @@ import contextlib
 import warnings
 import weakref
 
+import keras
 import numpy as np
 from keras import ops
 
 from keras_gemma import backends
+from keras_gemma import losses
 from keras_gemma.backbone import quantizable_layers
 from keras_gemma.causal_lm import token_log_probabilities
 from keras_gemma.lora import lora_state
 
 
-def _logits(lm, token_ids, padding_mask, training):
-    """Float32 logits of every position but the last (which predicts nothing here)."""
+def _per_position(lm, token_ids, padding_mask, training, function):
+    """`function(logits, targets)` for every position but the last, from
+    float32 logits made a chunk of positions at a time (each chunk recomputed
+    in the backward pass), so a 256k vocabulary never holds the whole
+    `[batch, length, vocabulary]` logits, as in the training loss."""
     # The backbone and the tied head directly, not `lm(...)`: inside `fit`
     # a `GemmaCausalLM` may be set to return hidden states.
     hidden = lm.backbone({"token_ids": token_ids, "padding_mask": padding_mask}, training=training)
-    return lm.compute_logits(hidden[:, :-1])  # [batch, length - 1, vocab]
+    hidden, targets = hidden[:, :-1], ops.cast(token_ids[:, 1:], "int32")
+
+    def chunk(hidden, targets):
+        return function(ops.cast(lm.compute_logits(hidden), "float32"), targets)
+
+    batch, length = hidden.shape[0] or 1, hidden.shape[1]
+    size = max(16, losses.LOGITS_BUDGET // (batch * lm.backbone.vocabulary_size))
+    if length is None or size >= length:
+        return chunk(hidden, targets)
+    chunk = keras.remat(chunk)
+    pieces = [
+        chunk(hidden[:, i : i + size], targets[:, i : i + size]) for i in range(0, length, size)
+    ]
+    return ops.concatenate(pieces, axis=1)
 
 
 def completion_log_probs(lm, token_ids, padding_mask, completion_mask, training=False):
@@ -61,8 +79,7 @@ def completion_log_probs(lm, token_ids, padding_mask, completion_mask, training=
     >>> tuple(per_token.shape), tuple(total.shape)
     ((1, 3), (1,))
     """
-    logits = _logits(lm, token_ids, padding_mask, training)
-    per_token = token_log_probabilities(logits, token_ids[:, 1:])
+    per_token = _per_position(lm, token_ids, padding_mask, training, token_log_probabilities)
     mask = ops.cast(completion_mask[:, 1:], "float32")
     per_token = per_token * mask
     return per_token, ops.sum(per_token, axis=-1)
@@ -70,13 +87,16 @@ def completion_log_probs(lm, token_ids, padding_mask, completion_mask, training=
 
 def _log_probs_and_entropy(lm, token_ids, padding_mask, completion_mask):
     """`completion_log_probs` plus each completion position's entropy, no dropout."""
-    logits = _logits(lm, token_ids, padding_mask, training=False)
-    log_probabilities = ops.log_softmax(logits, axis=-1)
-    target_ids = ops.cast(token_ids[:, 1:], "int32")[..., None]
-    per_token = ops.take_along_axis(log_probabilities, target_ids, axis=-1)[..., 0]
-    entropy = -ops.sum(ops.exp(log_probabilities) * log_probabilities, axis=-1)
+
+    def log_probs_and_entropy(logits, targets):
+        log_probabilities = ops.log_softmax(logits, axis=-1)
+        per_token = ops.take_along_axis(log_probabilities, targets[..., None], axis=-1)[..., 0]
+        entropy = -ops.sum(ops.exp(log_probabilities) * log_probabilities, axis=-1)
+        return ops.stack([per_token, entropy], axis=-1)  # one tensor, as remat wants
+
+    both = _per_position(lm, token_ids, padding_mask, False, log_probs_and_entropy)
     mask = ops.cast(completion_mask[:, 1:], "float32")
-    return per_token * mask, entropy * mask
+    return both[..., 0] * mask, both[..., 1] * mask
 
 
 # Compiled no-gradient scorers, per model. A LoRA layer reads `lora_enabled`
