@@ -114,19 +114,17 @@ def test_chunked_log_probs_equal_the_full_logits_and_their_gradients(monkeypatch
         log_probs = ops.log_softmax(logits, axis=-1)
         per_token = ops.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]
         entropy = -ops.sum(ops.exp(log_probs) * log_probs, axis=-1)
-        mask = completion[:, 1:].astype("float32")
+        mask = ops.convert_to_tensor(completion[:, 1:].astype("float32"))
         return per_token * mask, entropy * mask
 
+    weights = ops.convert_to_tensor(np.linspace(1, 2, 39, dtype="float32"))
     expected_value, expected_grads = value_and_gradients(
-        lambda: ops.sum(plain()[0] * np.linspace(1, 2, 39, dtype="float32")), variables
+        lambda: ops.sum(plain()[0] * weights), variables
     )
-    expected_log_probs, expected_entropy = (to_numpy(x) for x in plain())
+    expected_log_probs, expected_entropy = (to_numpy(ops.stop_gradient(x)) for x in plain())
     monkeypatch.setattr("keras_gemma.losses.LOGITS_BUDGET", 1)
     value, grads = value_and_gradients(
-        lambda: ops.sum(
-            completion_log_probs(lm, ids, padding, completion)[0]
-            * np.linspace(1, 2, 39, dtype="float32")
-        ),
+        lambda: ops.sum(completion_log_probs(lm, ids, padding, completion)[0] * weights),
         variables,
     )
     assert_close(value, expected_value, atol=1e-4)
