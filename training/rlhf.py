@@ -155,7 +155,9 @@ class SampleLog(keras.callbacks.Callback):
         for prompt, completion, reward in list(
             zip(rollout["prompts"], rollout["completions"], rollout["rewards"])
         )[: self.count]:
+            # The first user turn's first line, without the template around it.
             question = prompt.split("\n")[1] if "\n" in prompt else prompt
+            question = question.removesuffix("<end_of_turn>")
             lines.append(f"{question!r} -> {completion!r} (reward {reward:.3f})")
         with open(self.path, "a", encoding="utf-8") as file:
             file.write("\n".join(lines) + "\n")
