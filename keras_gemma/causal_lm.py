@@ -210,7 +210,7 @@ class GemmaCausalLM(keras.Model):
 
     def resolve_stop_token_ids(self, stop_token_ids):
         """`generate`'s `stop_token_ids` argument as a checked tuple of ids."""
-        if stop_token_ids == "auto":
+        if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
             if self.preprocessor is None:
                 raise ValueError(
                     "stop_token_ids='auto' needs a preprocessor to know the end "
@@ -221,7 +221,11 @@ class GemmaCausalLM(keras.Model):
             return tuple(i for i in ids if i is not None)
         if stop_token_ids is None:
             return ()
-        ids = tuple(int(i) for i in stop_token_ids)
+        if isinstance(stop_token_ids, str):
+            raise ValueError(
+                f"`stop_token_ids` must be 'auto', None or token ids. Received {stop_token_ids!r}."
+            )
+        ids = tuple(int(i) for i in np.asarray(stop_token_ids).reshape(-1))
         vocabulary_size = self.backbone.vocabulary_size
         if any(not 0 <= i < vocabulary_size for i in ids):
             raise ValueError(f"`stop_token_ids` must be in [0, {vocabulary_size}). Received {ids}.")

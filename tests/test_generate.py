@@ -133,6 +133,9 @@ def test_stop_token_ids_are_validated(lm):
     assert lm.resolve_stop_token_ids("auto") == (tokenizer.end_token_id, tokenizer.end_of_turn_id)
     assert lm.resolve_stop_token_ids(None) == ()
     assert lm.resolve_stop_token_ids([3, np.int64(7)]) == (3, 7)
+    assert lm.resolve_stop_token_ids(np.array([3, 7])) == (3, 7)  # an array is ids, not "auto"
+    with pytest.raises(ValueError, match="'auto', None or token ids"):
+        lm.resolve_stop_token_ids("end_of_turn")
     with pytest.raises(ValueError, match="needs a preprocessor"):
         GemmaCausalLM(lm.backbone).generate({"token_ids": [[2]], "padding_mask": [[1]]})
 
