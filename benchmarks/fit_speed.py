@@ -10,8 +10,10 @@ Config (from the project's issues): vocabulary 32000, 6 layers, 8 query heads,
 Both models train with Adam (1e-4) on the same random tokens through
 `train_on_batch`, each with its default loss (ours: the chunked token-mean
 cross-entropy; keras-hub's: sparse cross-entropy over the full logits).
-Each round times `--steps` steps of ours, then of keras-hub's, after a
-warm-up step (compilation) each; tokens/s is the median over rounds.
+Each round times `--steps` steps of each model, after a warm-up step
+(compilation) each, alternating which goes first; tokens/s is the median over
+rounds and the ratio is the median of the rounds' ratios, so load that drifts
+between rounds (a shared host) cancels out of it.
 """
 
 import argparse
@@ -64,13 +66,19 @@ def _child(mode, rounds, steps):
     for lm in models.values():
         lm.train_on_batch(x, y, sample_weight=weights)  # compile
     times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, lm in models.items():
+    for round_index in range(rounds):
+        order = list(models) if round_index % 2 == 0 else list(models)[::-1]
+        for name in order:
             start = time.perf_counter()
             for _ in range(steps):
-                lm.train_on_batch(x, y, sample_weight=weights)
+                models[name].train_on_batch(x, y, sample_weight=weights)
             times[name].append((time.perf_counter() - start) / steps)
-    return {name: BATCH * LENGTH / statistics.median(t) for name, t in times.items()}
+    result = {name: BATCH * LENGTH / statistics.median(t) for name, t in times.items()}
+    ratios = [hub / ours for ours, hub in zip(times["ours"], times["keras_hub"])]
+    result["ratio"] = statistics.median(ratios)
+    result["ratio_range"] = [min(ratios), max(ratios)]
+    result["jit_compile"] = {name: bool(lm.jit_compile) for name, lm in models.items()}
+    return result
 
 
 def main():
@@ -78,15 +86,18 @@ def main():
     parser.add_argument("--backend", choices=["jax", "torch", "tensorflow"], action="append")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--mode", choices=["lora", "full"], action="append")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("@@" + json.dumps(_child(args.child, args.rounds, args.steps)))
         return
     print(describe_cpu())
-    print(f"{'backend':<11} {'mode':<5} {'ours tok/s':>11} {'keras-hub':>10} {'ratio':>6}")
+    print(f"load average at start: {os.getloadavg()}")
+    header = f"{'backend':<11} {'mode':<5} {'ours tok/s':>11} {'keras-hub':>10} {'ratio':>6}"
+    print(f"{header}  (ratio: median of {args.rounds} rounds, their range; XLA)")
     for backend in args.backend or ["jax", "torch", "tensorflow"]:
-        for mode in ("lora", "full"):
+        for mode in args.mode or ["lora", "full"]:
             env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
             command = [sys.executable, __file__, "--child", mode]
             command += ["--rounds", str(args.rounds), "--steps", str(args.steps)]
@@ -96,8 +107,14 @@ def main():
                 print(f"{backend:<11} {mode:<5} failed:\n{output.stderr[-2000:]}")
                 continue
             result = json.loads(lines[-1][2:])
-            ours, hub = result["ours"], result["keras_hub"]
-            print(f"{backend:<11} {mode:<5} {ours:>11.0f} {hub:>10.0f} {ours / hub:>6.2f}")
+            ours, hub, (low, high) = result["ours"], result["keras_hub"], result["ratio_range"]
+            jit = "/".join("yes" if result["jit_compile"][k] else "no" for k in ("ours", "keras_hub"))
+            print(
+                f"{backend:<11} {mode:<5} {ours:>11.0f} {hub:>10.0f} {result['ratio']:>6.2f}"
+                f"  ({low:.2f}-{high:.2f}; {jit})",
+                flush=True,
+            )
+    print(f"load average at end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
