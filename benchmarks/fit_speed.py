@@ -108,7 +108,9 @@ def main():
                 continue
             result = json.loads(lines[-1][2:])
             ours, hub, (low, high) = result["ours"], result["keras_hub"], result["ratio_range"]
-            jit = "/".join("yes" if result["jit_compile"][k] else "no" for k in ("ours", "keras_hub"))
+            jit = "/".join(
+                "yes" if result["jit_compile"][k] else "no" for k in ("ours", "keras_hub")
+            )
             print(
                 f"{backend:<11} {mode:<5} {ours:>11.0f} {hub:>10.0f} {result['ratio']:>6.2f}"
                 f"  ({low:.2f}-{high:.2f}; {jit})",

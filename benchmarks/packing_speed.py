@@ -24,7 +24,6 @@ import types
 
 import keras
 import numpy as np
-
 from _machine import describe_cpu
 from fit_speed import CONFIG
 
@@ -56,9 +55,7 @@ def main():
     print(f"backend={keras.config.backend()} load average at start: {os.getloadavg()}")
 
     rng = np.random.default_rng(0)
-    lengths = lengths_of_instruction_mix(
-        args.examples, args.median, args.sequence_length + 1, rng
-    )
+    lengths = lengths_of_instruction_mix(args.examples, args.median, args.sequence_length + 1, rng)
     examples = [
         (rng.integers(3, CONFIG["vocabulary_size"], n).tolist(), [1.0] * n) for n in lengths
     ]
@@ -102,7 +99,9 @@ def main():
     speed = {name: real[name] / statistics.median(t) for name, t in times.items()}
     gains = [u / p for u, p in zip(times["unpacked"], times["packed"])]
     for name in data:
-        print(f"{name:<9} {speed[name]:8.0f} real tokens/s ({statistics.median(times[name]):.1f} s)")
+        print(
+            f"{name:<9} {speed[name]:8.0f} real tokens/s ({statistics.median(times[name]):.1f} s)"
+        )
     print(
         f"packing gain: {statistics.median(gains):.2f}x (rounds {min(gains):.2f}-{max(gains):.2f})"
     )
