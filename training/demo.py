@@ -3,9 +3,10 @@ questions, stream an answer, then teach it something new with LoRA.
 
     KERAS_BACKEND=jax python training/demo.py [--seconds 60] [--preset DIR]
 
-The preset (`presets/toy_gemma`, made by `training/toy_pipeline.py --stage 1`;
-its README has the command) was pretrained from scratch on checkable toy
-tasks and fine-tuned in Gemma's turn format. The demo asks it questions it
+The preset (`presets/toy_gemma`, made by `training/toy_pipeline.py --stage 2`;
+its README has the command and the table) was pretrained from scratch on
+checkable toy tasks, fine-tuned in Gemma's turn format, then tuned by RLHF
+(RLOO with a KL penalty toward the SFT model). The demo asks it questions it
 never saw in training, with the task checker's verdict beside each answer,
 streams one answer token by token, then LoRA-tunes it for about a minute on
 a task it has never seen (the largest of a few numbers) and asks again.
