@@ -149,3 +149,61 @@ def test_chat_history_is_trimmed_oldest_first_and_reset(lm, tokenizer):
     chat.reset()
     assert chat.turns == []
     assert chat._prompt("Ok") == format_turns([("user", "Ok")])
+
+
+def test_chat_needs_a_vocabulary_with_turn_markers(tokenizer):
+    import io
+
+    import sentencepiece
+
+    from keras_gemma import GemmaTokenizer
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["hello world, hello tokenizer"] * 5),
+        model_writer=model,
+        model_type="char",
+        minloglevel=2,
+        vocab_size=30,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+    )
+    plain = GemmaTokenizer(model.getvalue())
+    assert plain.end_of_turn_id is None
+    backbone = make_backbone("mqa", vocabulary_size=plain.vocabulary_size())
+    with pytest.raises(ValueError, match="<start_of_turn> and <end_of_turn>"):
+        ChatSession(GemmaCausalLM(backbone, GemmaCausalLMPreprocessor(plain, 16)))
+    with pytest.raises(ValueError, match="<start_of_turn> and <end_of_turn>"):
+        ChatSession(GemmaCausalLM(backbone))  # no preprocessor, no vocabulary
+    ChatSession(GemmaCausalLM(backbone, GemmaCausalLMPreprocessor(tokenizer, 16)))
+
+
+def test_stream_holds_back_a_character_split_across_byte_tokens(lm, tokenizer, monkeypatch):
+    """Byte-fallback characters arrive one byte token at a time; the stream
+    never yields half a character (a replacement character) and its pieces
+    join to the text of all the tokens."""
+    text = "a日b😀cé"  # 3 and 4 byte characters the vocabulary lacks
+    ids = tokenizer.tokenize(text)
+    assert sum(tokenizer.id_to_token(i).startswith("<0x") for i in ids) >= 7
+    script = ids + [tokenizer.end_token_id, 5, 6]  # stops at <eos>
+
+    def fake_stream(token_ids, padding_mask):
+        yield from script
+
+    monkeypatch.setattr(lm.generator, "stream", fake_stream)
+    pieces = list(lm.generate_stream("Hi", max_length=40))
+    assert not any("\ufffd" in piece for piece in pieces), pieces
+    assert "".join(pieces) == text
+    # Pieces come as each character completes, not all at the end.
+    assert len(pieces) >= 4, pieces
+    # A stream cut off mid-character (the length ran out) still ends with
+    # what `generate` would decode: the text and one replacement character.
+    script = ids[: ids.index(tokenizer.token_to_id("<0xF0>")) + 2]  # half of 😀
+    cut = "".join(lm.generate_stream("Hi", max_length=40))
+    assert cut == tokenizer.detokenize(script)
+    assert cut.startswith("a日b") and cut.endswith("\ufffd")
