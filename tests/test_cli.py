@@ -70,14 +70,91 @@ def test_clear_errors(preset_dir, capsys):
     assert "exactly one prompt" in capsys.readouterr().err
 
 
-def test_module_entry_point_lists_presets_on_the_chosen_backend():
+def test_backend_flag_re_executes_on_that_backend(tmp_path):
+    """`--backend` lists presets from a process on that backend: the child
+    (after `os.execve`) runs on the requested backend. A `sitecustomize`
+    reports Keras's backend when a process exits normally,
+    which the replaced parent never does."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit, sys\n"
+        "def _report():\n"
+        "    if 'keras' in sys.modules:\n"
+        "        import keras\n"
+        "        print('BACKEND=' + keras.config.backend(), file=sys.stderr)\n"
+        "atexit.register(_report)\n"
+    )
     other = {"jax": "torch", "torch": "tensorflow", "tensorflow": "jax"}
-    backend = other[os.environ.get("KERAS_BACKEND", "tensorflow")]
+    current = os.environ.get("KERAS_BACKEND", "tensorflow")
+    pythonpath = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, KERAS_BACKEND=current, PYTHONPATH=pythonpath)
+    script = "from keras_gemma.cli import main; raise SystemExit(main())"
     result = subprocess.run(
-        [sys.executable, "-m", "keras_gemma", "presets", "--backend", backend],
+        [sys.executable, "-c", script, "presets", "--backend", other[current]],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     assert "gemma_2b_en" in result.stdout and "code_gemma_7b_en" in result.stdout
+    reports = [line for line in result.stderr.splitlines() if line.startswith("BACKEND=")]
+    assert reports == [f"BACKEND={other[current]}"], result.stderr
+
+
+def test_converted_files_hold_the_same_values(preset_dir, tmp_path):
+    import numpy as np
+    from helpers import to_numpy
+    from safetensors.numpy import load_file
+
+    from keras_gemma.weight_names import huggingface_tensors
+
+    directory, lm = preset_dir
+    assert main(["convert", str(directory), str(tmp_path / "hf"), "--to", "huggingface"]) == 0
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    weights = {v.path: to_numpy(v) for v in lm.backbone.weights}
+    mapping = huggingface_tensors(lm.backbone.config)
+    assert set(weights) == set(mapping)
+    for path, (name, to_hf, _) in mapping.items():
+        np.testing.assert_array_equal(tensors[name], to_hf(weights[path]), err_msg=path)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "keras"), "--to", "keras"]) == 0
+    back = GemmaCausalLM.from_preset(str(tmp_path / "keras"))
+    assert {v.path for v in back.backbone.weights} == set(weights)
+    for v in back.backbone.weights:
+        np.testing.assert_array_equal(to_numpy(v), weights[v.path], err_msg=v.path)
+
+
+def _chat_prompts(preset_dir, monkeypatch, capsys, typed):
+    """Runs `keras-gemma chat` on `typed` as standard input; returns the
+    prompts the model was given and what was printed. The model always
+    replies "Hello" (an untrained one would fill the length, and the history
+    would never fit the next prompt)."""
+    import io
+
+    directory, _ = preset_dir
+    prompts = []
+
+    def spy(self, prompt, *args, **kwargs):
+        prompts.append(prompt)
+        return iter(["Hel", "lo"])
+
+    monkeypatch.setattr(GemmaCausalLM, "generate_stream", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO(typed))
+    assert main(["chat", "--preset", str(directory), "--max-length", "64"]) == 0
+    return prompts, capsys.readouterr()
+
+
+def test_chat_reset_clears_the_history_and_quit_leaves(preset_dir, monkeypatch, capsys):
+    from keras_gemma import format_turns
+
+    # Without /reset the second prompt carries the first exchange ...
+    prompts, _ = _chat_prompts(preset_dir, monkeypatch, capsys, "Hi\nBye\n")
+    assert prompts[1] == format_turns([("user", "Hi"), ("model", "Hello"), ("user", "Bye")])
+    # ... with it, the second prompt is the new message alone; /quit stops
+    # reading (the message after it is never sent) and exits cleanly.
+    typed = "Hi\n/reset\nBye\n/quit\nNo\n"
+    prompts, printed = _chat_prompts(preset_dir, monkeypatch, capsys, typed)
+    assert prompts == [format_turns([("user", "Hi")]), format_turns([("user", "Bye")])]
+    # Four "> " prompts (Hi, /reset, Bye, /quit: nothing read after /quit),
+    # a line per reply and none for the commands.
+    assert printed.out == "> Hello\n> > Hello\n> "
+    assert "Chatting" in printed.err
