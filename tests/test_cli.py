@@ -158,3 +158,41 @@ def test_chat_reset_clears_the_history_and_quit_leaves(preset_dir, monkeypatch, 
     # a line per reply and none for the commands.
     assert printed.out == "> Hello\n> > Hello\n> "
     assert "Chatting" in printed.err
+
+
+def test_model_flags_reach_the_loaded_model(preset_dir):
+    from keras_gemma import BeamSampler
+    from keras_gemma import TopKSampler
+    from keras_gemma import TopPSampler
+    from keras_gemma.cli import _load
+    from keras_gemma.cli import _parser
+
+    directory, _ = preset_dir
+
+    def load(*flags):
+        return _load(_parser().parse_args(["generate", "--preset", str(directory), "x", *flags]))
+
+    lm = load("--dtype", "bfloat16", "--sampler", "top_k", "--top-k", "3", "--temperature", "0.5")
+    assert lm.backbone.dtype_policy.variable_dtype == "bfloat16"
+    assert {v.dtype for v in lm.backbone.weights} == {"bfloat16"}
+    assert isinstance(lm.sampler, TopKSampler)
+    assert (lm.sampler.k, lm.sampler.temperature, lm.sampler.seed) == (3, 0.5, None)
+    lm = load("--sampler", "top_p", "--top-p", "0.7", "--seed", "9", "--quantize", "int8")
+    assert isinstance(lm.sampler, TopPSampler) and (lm.sampler.p, lm.sampler.seed) == (0.7, 9)
+    assert lm.backbone.get_config().get("quantization_mode") == "int8"
+    assert any(v.dtype == "int8" for v in lm.backbone.weights)
+    lm = load("--sampler", "beam", "--num-beams", "2")
+    assert isinstance(lm.sampler, BeamSampler) and lm.sampler.num_beams == 2
+
+
+def test_seed_flag_makes_sampling_reproducible(preset_dir, capsys):
+    directory, _ = preset_dir
+
+    def sample(seed):
+        args = ["generate", "--preset", str(directory), "The", "--max-length", "16"]
+        assert main([*args, "--sampler", "random", "--temperature", "2", "--seed", seed]) == 0
+        return capsys.readouterr().out
+
+    first = sample("1")
+    assert sample("1") == first
+    assert sample("2") != first
