@@ -126,3 +126,21 @@ def test_long_prompt_response_pairs_are_cut_at_the_end(tokenizer):
     expected = [0.0] * len(prompt_ids) + [1.0] * (length - len(prompt_ids))
     assert weight[0].tolist() == expected
     assert weight[1].sum() == 0  # the response never made it into the row
+
+
+def test_each_dropout_site_is_active_in_training(tokenizer):
+    """Attention-probability dropout and residual dropout each act on their
+    own (the other switched off on the built layers)."""
+    inputs = GemmaCausalLMPreprocessor(tokenizer, 16)(["The quick brown fox"])[0]
+    for site in ("attention", "residual"):
+        backbone = make_backbone("mha", seed=6, dropout=0.5)
+        for block in backbone.transformer_layers:
+            if site == "attention":
+                block.dropout = 0.0  # the residual branches skip their dropout
+            else:
+                block.attention.dropout = 0.0
+        first = to_numpy(backbone(inputs, training=True))
+        second = to_numpy(backbone(inputs, training=True))
+        assert np.abs(first - second).max() > 1e-3, site
+        inference = to_numpy(backbone(inputs, training=False))
+        np.testing.assert_array_equal(inference, to_numpy(backbone(inputs, training=False)))
