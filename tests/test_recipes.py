@@ -206,7 +206,8 @@ def test_rlhf_with_lora_resumes_after_interruption_to_the_same_weights(stage1, t
     def argv(run):
         return [
             "--preset", str(output / "sft" / "preset"), "--lora-rank", "2",
-            "--prompts", str(output / "data" / "heldout.jsonl"), "--reward", f"{__name__}:length_reward",
+            "--prompts", str(output / "data" / "heldout.jsonl"),
+            "--reward", f"{__name__}:length_reward",
             "--output", str(tmp_path / run), "--steps", "4", "--steps-per-epoch", "2",
             "--batch-size", "4", "--num-generations", "2", "--max-new-tokens", "4",
             "--learning-rate", "0.01", "--verbose", "0",
