@@ -218,22 +218,15 @@ def main(argv=None):
 
 
 def plot_exact_match(per_task, png_path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed; no {png_path}.")
+    plt = recipe_common.pyplot(png_path)
+    if plt is None:
         return
     figure, axis = plt.subplots(figsize=(5, 3))
     names = list(per_task)
     axis.bar(names, [per_task[n]["exact_match"] for n in names])
     axis.set_ylim(0, 1)
     axis.set_ylabel("exact match")
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=80)
-    plt.close(figure)
+    recipe_common.save_figure(plt, figure, png_path)
 
 
 if __name__ == "__main__":

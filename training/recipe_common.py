@@ -448,13 +448,8 @@ def plot_curves(csv_path, png_path, title=None):
 
     matplotlib is optional: without it, one line says so and nothing is drawn.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed; no {png_path} (the numbers are in {csv_path}).")
+    plt = pyplot(png_path, f" (the numbers are in {csv_path})")
+    if plt is None:
         return None
     with open(csv_path) as file:
         rows = list(csv.DictReader(file))
@@ -475,6 +470,24 @@ def plot_curves(csv_path, png_path, title=None):
         axis.set_title(key)
     if title:
         figure.suptitle(title)
+    return save_figure(plt, figure, png_path)
+
+
+def pyplot(png_path, where_numbers_are=""):
+    """`matplotlib.pyplot` with a file backend, or None (after a one-line
+    note) where matplotlib, an optional extra, is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed; no {png_path}{where_numbers_are}.")
+        return None
+    return plt
+
+
+def save_figure(plt, figure, png_path):
     figure.tight_layout()
     figure.savefig(png_path, dpi=80)
     plt.close(figure)

@@ -291,13 +291,8 @@ def run_stage2(args, timed, results, tuned):
 
 def plot_stage2_curves(out, png_path):
     """Reward, KL and loss of both RLHF runs per epoch, side by side."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed; no {png_path}.")
+    plt = recipe_common.pyplot(png_path)
+    if plt is None:
         return
     figure, axes = plt.subplots(1, 3, figsize=(12, 3))
     for run in ("rlhf_reward_model", "rlhf_checker"):
@@ -309,9 +304,7 @@ def plot_stage2_curves(out, png_path):
             axis.set_title(key)
             axis.set_xlabel("epoch")
     axes[0].legend()
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=80)
-    plt.close(figure)
+    recipe_common.save_figure(plt, figure, png_path)
 
 
 def format_table(times, cpu_times, results, backend, total, stage):

@@ -75,20 +75,13 @@ def main(argv=None):
 
 
 def plot_lengths(lengths, png_path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is not installed; no {png_path}.")
+    plt = recipe_common.pyplot(png_path)
+    if plt is None:
         return
     figure, axis = plt.subplots(figsize=(4, 3))
     axis.hist(lengths, bins=30)
     axis.set_xlabel("tokens per line")
-    figure.tight_layout()
-    figure.savefig(png_path, dpi=80)
-    plt.close(figure)
+    recipe_common.save_figure(plt, figure, png_path)
 
 
 if __name__ == "__main__":
