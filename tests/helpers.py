@@ -66,3 +66,21 @@ def value_and_gradients(fn, variables):
         value.backward()
         grads = [v.value.grad for v in variables]
     return to_numpy(value), [to_numpy(g) for g in grads]
+
+
+def train_raw_sentencepiece(**options):
+    """A character SentencePiece model with SentencePiece's own defaults plus
+    `options` (no Gemma special pieces unless asked), as serialized bytes."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["hello world, hello tokenizer"] * 5),
+        model_writer=model,
+        model_type="char",
+        minloglevel=2,
+        **options,
+    )
+    return model.getvalue()

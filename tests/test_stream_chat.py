@@ -152,18 +152,11 @@ def test_chat_history_is_trimmed_oldest_first_and_reset(lm, tokenizer):
 
 
 def test_chat_needs_a_vocabulary_with_turn_markers(tokenizer):
-    import io
-
-    import sentencepiece
+    from helpers import train_raw_sentencepiece
 
     from keras_gemma import GemmaTokenizer
 
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(["hello world, hello tokenizer"] * 5),
-        model_writer=model,
-        model_type="char",
-        minloglevel=2,
+    model = train_raw_sentencepiece(
         vocab_size=30,
         pad_id=0,
         eos_id=1,
@@ -173,7 +166,7 @@ def test_chat_needs_a_vocabulary_with_turn_markers(tokenizer):
         eos_piece="<eos>",
         bos_piece="<bos>",
     )
-    plain = GemmaTokenizer(model.getvalue())
+    plain = GemmaTokenizer(model)
     assert plain.end_of_turn_id is None
     backbone = make_backbone("mqa", vocabulary_size=plain.vocabulary_size())
     with pytest.raises(ValueError, match="<start_of_turn> and <end_of_turn>"):

@@ -1,10 +1,9 @@
-import io
 import json
 
 import keras
 import numpy as np
 import pytest
-import sentencepiece
+from helpers import train_raw_sentencepiece
 
 from keras_gemma.tokenizer import GemmaTokenizer
 from keras_gemma.tokenizer import train_sentencepiece
@@ -26,19 +25,6 @@ ROUND_TRIP_STRINGS = [
 @pytest.fixture
 def tokenizer(vocab_proto):
     return GemmaTokenizer(vocab_proto)
-
-
-def _train_raw_sentencepiece(**options):
-    """Trains a model with SentencePiece's own defaults plus `options`."""
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(["hello world, hello tokenizer"] * 5),
-        model_writer=model,
-        model_type="char",
-        minloglevel=2,
-        **options,
-    )
-    return model.getvalue()
 
 
 def test_special_token_ids(tokenizer):
@@ -191,7 +177,7 @@ def test_training_is_deterministic():
 
 
 def test_vocabulary_without_turn_markers():
-    proto = _train_raw_sentencepiece(
+    proto = train_raw_sentencepiece(
         vocab_size=30,
         pad_id=0,
         eos_id=1,
@@ -237,8 +223,8 @@ def test_proto_of_wrong_type(proto):
 def test_vocabulary_missing_gemma_pieces():
     # SentencePiece's defaults: no <pad>, and <s>/</s> instead of <bos>/<eos>.
     with pytest.raises(ValueError, match="<pad>"):
-        GemmaTokenizer(_train_raw_sentencepiece(vocab_size=30))
-    proto = _train_raw_sentencepiece(vocab_size=30, pad_id=3, unk_id=0)
+        GemmaTokenizer(train_raw_sentencepiece(vocab_size=30))
+    proto = train_raw_sentencepiece(vocab_size=30, pad_id=3, unk_id=0)
     with pytest.raises(ValueError, match="<eos>"):
         GemmaTokenizer(proto)
 
