@@ -106,3 +106,45 @@ def test_partly_quantized_models_refuse_presets_clearly(tmp_path):
     with pytest.raises(ValueError, match="quantized the same way"):
         backbone.save_to_preset(tmp_path / "partial")
     assert not (tmp_path / "partial").exists()
+
+
+def test_int8_presets_load_without_ever_making_float_kernels(tmp_path, monkeypatch, tokenizer):
+    """The loader builds the int8 variables directly: no float variable, and
+    no float array read or cast on its way into one, ever has the shape of a
+    quantized kernel (a float-then-quantize loader makes both). The same
+    code path on every backend."""
+    from keras.src.backend.common import variables as keras_variables
+
+    from keras_gemma.checkpoints import _io
+
+    lm = GemmaCausalLM(make_backbone("gqa", seed=4), GemmaCausalLMPreprocessor(tokenizer, 24))
+    lm.quantize("int8")
+    lm.save_to_preset(tmp_path / "int8")
+    created, cast = [], []
+    init, cast_array = keras_variables.Variable.__init__, _io._cast
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        created.append((self.path, tuple(self.shape), keras.backend.standardize_dtype(self.dtype)))
+
+    def recording_cast(array, dtype):
+        cast.append((tuple(array.shape), np.dtype(array.dtype).name))
+        return cast_array(array, dtype)
+
+    monkeypatch.setattr(keras_variables.Variable, "__init__", recording_init)
+    monkeypatch.setattr(_io, "_cast", recording_cast)
+    restored = GemmaCausalLM.from_preset(tmp_path / "int8")
+    monkeypatch.undo()
+    quantized = {
+        tuple(v.shape)
+        for v in restored.weights
+        if keras.backend.standardize_dtype(v.dtype) == "int8"
+    }
+    assert len(quantized) >= 3  # the embedding table and the projections' shapes
+    assert {v.path for v in restored.weights} <= {path for path, _, _ in created}
+    float_variables = [c for c in created if c[1] in quantized and c[2] != "int8"]
+    assert not float_variables, float_variables
+    float_arrays = [c for c in cast if c[0] in quantized and c[1] != "int8"]
+    assert not float_arrays, float_arrays
+    assert sum(dtype == "int8" for _, dtype in cast) == 1 + 7 * lm.backbone.num_layers
+    np.testing.assert_array_equal(to_numpy(restored(INPUTS)), to_numpy(lm(INPUTS)))
