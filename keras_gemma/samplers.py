@@ -8,6 +8,8 @@ import keras
 from keras import ops
 from keras import tree
 
+from keras_gemma import backends
+
 # Logit given to impossible candidates in beam search (finite, so sums stay
 # ordered instead of turning into NaN).
 _IMPOSSIBLE = -1e9
@@ -83,6 +85,12 @@ class Sampler:
     def _draw(self, probabilities, seed):
         if self.seed_generator is None:
             return self.get_next_token(probabilities), seed
+        if getattr(self, "_seeded_draw", None) is None:
+            # One draw for the generate loop and a streaming step alike.
+            self._seeded_draw = backends.compile_random_draw(self._draw_from)
+        return self._seeded_draw(probabilities, seed)
+
+    def _draw_from(self, probabilities, seed):
         state = self.seed_generator.state
         with keras.StatelessScope(state_mapping=[(state, seed)]) as scope:
             token = self.get_next_token(probabilities)

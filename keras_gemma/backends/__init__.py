@@ -9,7 +9,8 @@ feeding the token before it). The default is the Keras forward pass
 (`generation.KerasDecoder`); a specialised decoder is registered here with
 where it applies, picked once per call by `decoder_for`, and held equal to
 the default by its tests. `compile_stateless` compiles per backend
-(`xla_cpu` rewrites JAX's CPU programs in low precision).
+(`xla_cpu` rewrites JAX's CPU programs in low precision);
+`compile_random_draw` keeps a sampler's draws the same in and out of it.
 
 Example:
 >>> [decoder.name for decoder in DECODERS]
@@ -106,3 +107,24 @@ def compile_stateless(fn, model, whole_loop=True):
 
         return torch.no_grad()(fn)
     return fn
+
+
+def compile_random_draw(fn):
+    """`fn(*tensors)`, a seeded random draw, so that it draws the same numbers
+    inside and outside a compiled generate loop.
+
+    TensorFlow's stateless random ops have separate XLA lowerings that draw
+    other numbers from the same seed (`StatelessMultinomial`, behind
+    `keras.random.categorical`, is a Gumbel-max over XLA's own uniforms under
+    XLA, an inverse CDF in the CPU kernel). `compile_stateless` runs
+    `generate`'s whole loop under XLA but a streaming step without it (XLA
+    recompiles that step for every index, seconds each), so on
+    TensorFlow the draw itself is always XLA-compiled: inlined into an XLA
+    loop, its own small cluster in a streaming step or a non-XLA loop. JAX
+    and PyTorch draw the same numbers either way: `fn` unchanged.
+    """
+    if keras.config.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=True)
