@@ -187,3 +187,77 @@ def test_projection_products_equal_float64_within_bfloat16_rounding(
     np.testing.assert_allclose(
         to_numpy(result).astype("float64"), expected, atol=1e-2 * np.abs(expected).max()
     )
+
+
+def _block_with_scales(dropout=0.0):
+    block = GemmaDecoderBlock(
+        intermediate_dim=16, num_query_heads=2, num_key_value_heads=1, head_dim=4, dropout=dropout
+    )
+    block.build((None, None, 8))
+    rng = np.random.default_rng(5)
+    for norm in (block.pre_attention_norm, block.pre_ffw_norm):
+        norm.scale.assign(rng.normal(0, 0.5, 8).astype("float32"))
+    return block
+
+
+def test_decoder_block_is_pre_norm_residual_attention_then_geglu():
+    # Composed from the sub-layers each tested above: h = x + attention(norm(x)),
+    # out = h + feed_forward(norm'(h)); and the same through the cache.
+    block = _block_with_scales()
+    x = np.random.default_rng(6).normal(size=(2, 5, 8)).astype("float32")
+    padding = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    h = x + to_numpy(block.attention(block.pre_attention_norm(x), padding_mask=padding))
+    expected = h + to_numpy(block.feed_forward(block.pre_ffw_norm(h)))
+    out = to_numpy(block(x, padding_mask=padding))
+    np.testing.assert_allclose(out[0], expected[0], atol=1e-5)
+    np.testing.assert_allclose(out[1, :3], expected[1, :3], atol=1e-5)
+    cache = (np.zeros((2, 5, 1, 4), "float32"), np.zeros((2, 5, 1, 4), "float32"))
+    cached, _ = block(x, padding_mask=padding, cache=cache, cache_update_index=0)
+    np.testing.assert_allclose(to_numpy(cached)[0], expected[0], atol=1e-5)
+
+
+def test_decoder_block_residual_dropout_only_while_training():
+    block = _block_with_scales(dropout=0.5)
+    block.attention.dropout = 0.0  # isolate the residual dropout
+    x = np.random.default_rng(7).normal(size=(1, 4, 8)).astype("float32")
+    inference = to_numpy(block(x, training=False))
+    without = _block_with_scales()
+    for source, target in zip(block.weights, without.weights):
+        target.assign(source)
+    assert_close(inference, without(x), atol=1e-6)
+    assert np.abs(to_numpy(block(x, training=True)) - inference).max() > 1e-3
+
+
+def test_attention_mask_and_segment_positions_by_hand():
+    from keras_gemma.layers.attention import attention_mask
+    from keras_gemma.layers.attention import segment_positions
+
+    segments = np.array([[1, 1, 1, 2, 2, 0]], "int32")
+    positions = to_numpy(segment_positions(keras.ops.convert_to_tensor(segments)))
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0]]
+    mask = to_numpy(attention_mask(6, 6, segment_ids=keras.ops.convert_to_tensor(segments)))
+    expected = np.array(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [0, 0, 0, 1, 0, 0],
+            [0, 0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 0, 1],
+        ],
+        bool,
+    )
+    assert mask.tolist() == [expected.tolist()]
+    # Two queries at positions 2 and 3 over a 5-slot cache, slot 1 padded.
+    mask = to_numpy(attention_mask(2, 5, start_index=2, padding_mask=np.array([[1, 0, 1, 1, 1]])))
+    assert mask.astype(int).tolist() == [[[1, 0, 1, 0, 0], [1, 0, 1, 1, 0]]]
+
+
+def test_packed_attention_equals_each_example_alone():
+    # Segment ids keep attention within an example and restart its rotary
+    # positions: each packed example gets what it gets on its own row.
+    layer = GemmaAttention(num_query_heads=4, num_key_value_heads=2, head_dim=8)
+    x = np.random.default_rng(8).normal(size=(1, 6, 16)).astype("float32")
+    packed = to_numpy(layer(x, segment_ids=np.array([[1, 1, 1, 2, 2, 0]])))
+    assert_close(packed[:, :3], layer(x[:, :3]), atol=1e-5)
+    assert_close(packed[:, 3:5], layer(x[:, 3:5]), atol=1e-5)

@@ -72,3 +72,68 @@ def test_bad_inputs(tokenizer):
         preprocessor({"prompts": ["a", "b"], "responses": ["c"]})
     with pytest.raises(ValueError, match="sequence_length"):
         GemmaCausalLMPreprocessor(tokenizer, sequence_length=0)
+
+
+def test_sequence_length_one_is_allowed(tokenizer):
+    preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=1)
+    x, y, sample_weight = preprocessor(["The fox"])
+    assert x["token_ids"].tolist() == [[2]] and y.tolist() == [[tokenizer.tokenize("The fox")[0]]]
+    assert sample_weight.tolist() == [[1.0]]
+
+
+def test_pack_by_hand(tokenizer):
+    # First fit, longest first; an example of n tokens fills n - 1 positions.
+    pad = tokenizer.pad_token_id
+    examples = [
+        ([2, 20, 1], [0.0, 1.0, 1.0]),  # fills 2: exactly what row 0 has left
+        ([2, 10, 11, 12, 1], [0.0, 0.0, 1.0, 1.0, 1.0]),  # fills 4: row 0
+        ([2], [1.0]),  # nothing to predict: dropped
+        ([2, 30, 31, 1], [1.0, 1.0, 1.0, 1.0]),  # fills 3: no room in row 0
+    ]
+    inputs, labels, weights = GemmaCausalLMPreprocessor(tokenizer, sequence_length=6).pack(examples)
+    assert inputs["token_ids"].tolist() == [[2, 10, 11, 12, 2, 20], [2, 30, 31, pad, pad, pad]]
+    assert labels.tolist() == [[10, 11, 12, 1, 20, 1], [30, 31, 1, pad, pad, pad]]
+    assert weights.tolist() == [[0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+    assert inputs["segment_ids"].tolist() == [[1, 1, 1, 1, 2, 2], [1, 1, 1, 0, 0, 0]]
+    assert inputs["padding_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+    # Longer than a row: truncated to it, one example per row.
+    inputs, labels, weights = GemmaCausalLMPreprocessor(tokenizer, sequence_length=3).pack(
+        [([2, 5, 6, 7, 8, 1], [0.0, 1.0, 1.0, 1.0, 1.0, 1.0])]
+    )
+    assert inputs["token_ids"].tolist() == [[2, 5, 6]] and labels.tolist() == [[5, 6, 7]]
+
+
+def test_conversation_weights_only_the_model_turns(tokenizer):
+    # Gemma's template, written out: the model's text and <end_of_turn> carry
+    # the loss; the system message is folded into the first user turn; no
+    # newline follows the last reply.
+    preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=64)
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yo"},
+        {"role": "user", "content": "Bye"},
+        {"role": "model", "content": "Ciao"},
+    ]
+    [(ids, weights)] = preprocessor.tokenize_examples({"messages": [conversation]})
+    pieces = [
+        ("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n", 0.0),
+        ("Yo<end_of_turn>", 1.0),
+        ("\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n", 0.0),
+        ("Ciao<end_of_turn>", 1.0),
+    ]
+    expected_ids, expected_weights = [2], [0.0]
+    for text, weight in pieces:
+        piece_ids = tokenizer.tokenize(text)
+        expected_ids += piece_ids
+        expected_weights += [weight] * len(piece_ids)
+    assert ids == expected_ids
+    assert weights == expected_weights
+    for bad, message in [
+        ([{"role": "system", "content": "x"}, {"role": "model", "content": "y"}], "followed by"),
+        ([{"role": "system", "content": "x"}], "followed by"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
+        ([{"role": "user", "content": "a"}], "ends on a user turn"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            preprocessor({"messages": [bad]})

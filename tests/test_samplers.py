@@ -172,3 +172,18 @@ def test_beam_search_with_stop_tokens_on_a_ragged_batch(small_vocabulary_lm):
             assert out["token_ids"][row].tolist() == expected, (stop_ids, row)
     assert out["token_ids"][0].tolist() == prompts[0] + [stop, 0]
     assert out["padding_mask"][0].tolist() == [1, 1, 1, 1, 0]
+
+
+def test_top_p_nucleus_is_the_smallest_set_whose_mass_reaches_p():
+    # Binary fractions, so the cumulative sums are exact: at p = 0.5 the mass
+    # before the second most likely token is exactly p, and it is left out.
+    probabilities = np.array([0.25, 0.5, 0.1875, 0.0625], "float32")
+    batch = keras.ops.convert_to_tensor(np.tile(probabilities, (2_000, 1)))
+    for p, nucleus in [(0.5, {1}), (0.75, {0, 1}), (0.9375, {0, 1, 2}), (1.0, {0, 1, 2, 3})]:
+        tokens = to_numpy(TopPSampler(p=p, seed=4).get_next_token(batch))
+        assert set(tokens.tolist()) == nucleus, p
+    # keras-hub's default nucleus, and `p` outside (0, 1] is refused.
+    assert TopPSampler().p == 0.1
+    for p in (0.0, 1.01):
+        with pytest.raises(ValueError, match="`p` must be in"):
+            TopPSampler(p=p)
