@@ -9,6 +9,7 @@ from helpers import to_numpy
 from keras_gemma import GemmaCausalLM
 from keras_gemma import backends
 from keras_gemma import generation
+from keras_gemma import internals
 
 pytestmark = pytest.mark.skipif(
     keras.config.backend() != "torch", reason="backends.torch_cpu is the torch backend's path"
@@ -122,11 +123,15 @@ def test_bfloat16_int8_products_are_within_four_roundings_of_keras(monkeypatch, 
                 x = torch.from_numpy(rng.standard_normal((rows, in_dim))).bfloat16()
                 for y, keras_layer in zip(group(x), layers):
                     theirs = to_numpy(keras_layer(x[None])).astype("float64").reshape(rows, -1)
-                    q = to_numpy(keras_layer._kernel).astype("float64").reshape(-1, in_dim)
+                    q = (
+                        to_numpy(internals.stored_kernel(keras_layer))
+                        .astype("float64")
+                        .reshape(-1, in_dim)
+                    )
                     s = to_numpy(keras_layer.kernel_scale).astype("float64").reshape(-1)
                     check(y, theirs, x, q, s)
     embedding = lm.backbone.token_embedding
-    q = to_numpy(embedding._embeddings).astype("float64")
+    q = to_numpy(internals.stored_embeddings(embedding)).astype("float64")
     s = to_numpy(embedding.embeddings_scale).astype("float64")
     for rows in (1, 16, 40):
         hidden = torch.from_numpy(rng.standard_normal((rows, q.shape[1]))).bfloat16()
