@@ -69,6 +69,7 @@ class Sampler:
             )
         self.temperature = temperature
         self.seed_generator = None
+        self._seeded_draw = None  # made on first use: `_draw`
 
     def compute_probabilities(self, logits):
         logits = ops.cast(logits, "float32")
@@ -85,7 +86,7 @@ class Sampler:
     def _draw(self, probabilities, seed):
         if self.seed_generator is None:
             return self.get_next_token(probabilities), seed
-        if getattr(self, "_seeded_draw", None) is None:
+        if self._seeded_draw is None:
             # One draw for the generate loop and a streaming step alike.
             self._seeded_draw = backends.compile_random_draw(self._draw_from)
         return self._seeded_draw(probabilities, seed)
