@@ -137,3 +137,7 @@ def test_conversation_weights_only_the_model_turns(tokenizer):
     ]:
         with pytest.raises(ValueError, match=message):
             preprocessor({"messages": [bad]})
+    with pytest.raises(ValueError, match="non-empty list of conversations"):
+        preprocessor({"messages": []})
+    with pytest.raises(ValueError, match="A conversation must be a non-empty list"):
+        preprocessor({"messages": [[]]})

@@ -187,3 +187,18 @@ def test_top_p_nucleus_is_the_smallest_set_whose_mass_reaches_p():
     for p in (0.0, 1.01):
         with pytest.raises(ValueError, match="`p` must be in"):
             TopPSampler(p=p)
+
+
+def test_one_beam_is_greedy_search(small_vocabulary_lm):
+    lm = small_vocabulary_lm
+    batch = {
+        "token_ids": np.array([[2, 4, 12, 0, 0, 0]]),
+        "padding_mask": np.array([[1] * 3 + [0] * 3]),
+    }
+    lm.compile(sampler="greedy")
+    greedy = lm.generate(batch, stop_token_ids=None)["token_ids"].tolist()
+    lm.compile(sampler=BeamSampler(num_beams=1))
+    assert lm.generate(batch, stop_token_ids=None)["token_ids"].tolist() == greedy
+    for num_beams in (0, 1.0):
+        with pytest.raises(ValueError, match="`num_beams` must be a positive integer"):
+            BeamSampler(num_beams=num_beams)
