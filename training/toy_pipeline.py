@@ -70,7 +70,7 @@ FULL = {
               "--num-query-heads", "4", "--num-key-value-heads", "1", "--head-dim", "32"],
     "pretrain": ["--steps", "800", "--steps-per-epoch", "100", "--batch-size", "32",
                  "--learning-rate", "3e-3", "--warmup-steps", "50"],
-    "sft": ["--steps", "1200", "--steps-per-epoch", "100", "--batch-size", "64",
+    "sft": ["--steps", "2400", "--steps-per-epoch", "100", "--batch-size", "64",
             "--learning-rate", "2e-3", "--warmup-steps", "30",
             "--packing", "--sequence-length", "96"],
     "sequence_length": 48,
