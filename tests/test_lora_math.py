@@ -50,6 +50,8 @@ def test_rank_and_alpha_boundaries():
     assert lora.lora_state(backbone) is None
     backbone.enable_lora(1)  # the smallest rank is allowed; alpha defaults to it
     assert lora.lora_state(backbone) == (1, 1.0, lora.DEFAULT_TARGETS)
+    # Only weight-only int8 on torch is refused before `fit`; a float base trains.
+    lora.check_trainable_through_int8(backbone)
 
 
 def test_adapted_projection_and_merge_add_alpha_over_rank_a_b():
