@@ -69,7 +69,7 @@ class Sampler:
             )
         self.temperature = temperature
         self.seed_generator = None
-        self._seeded_draw = None  # made on first use: `_draw`
+        self._seeded_draw = None  # (settings, draw), built by `_draw`
 
     def compute_probabilities(self, logits):
         logits = ops.cast(logits, "float32")
@@ -86,10 +86,14 @@ class Sampler:
     def _draw(self, probabilities, seed):
         if self.seed_generator is None:
             return self.get_next_token(probabilities), seed
-        if self._seeded_draw is None:
-            # One draw for the generate loop and a streaming step alike.
-            self._seeded_draw = backends.compile_random_draw(self._draw_from)
-        return self._seeded_draw(probabilities, seed)
+        settings = self.get_config()
+        if self._seeded_draw is None or self._seeded_draw[0] != settings:
+            # One draw for the generate loop and a streaming step alike;
+            # rebuilt when `k`, `p`, ... change, which TensorFlow's compiled
+            # draw would otherwise keep as constants.
+            draw = backends.compile_random_draw(self._draw_from)
+            self._seeded_draw = (settings, draw)
+        return self._seeded_draw[1](probabilities, seed)
 
     def _draw_from(self, probabilities, seed):
         state = self.seed_generator.state

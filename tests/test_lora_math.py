@@ -5,6 +5,7 @@ folds exactly that in; the file round trip and the older-format conversion
 keep every update. The expected values are computed here in NumPy.
 """
 
+import keras
 import numpy as np
 import pytest
 from conftest import make_backbone
@@ -12,6 +13,9 @@ from helpers import to_numpy
 
 from keras_gemma import internals
 from keras_gemma import lora
+from keras_gemma.layers.projection import project
+from keras_gemma.layers.projection import projection
+from keras_gemma.layers.projection import quantization_config
 
 TARGETS = ("query", "attention_output", "ffw_linear")
 
@@ -144,10 +148,6 @@ def test_older_format_updates_are_the_transposes_of_todays():
 def test_update_on_an_int8_kernel_is_alpha_over_rank_a_b(equation, output_shape, input_dim):
     # `project` computes the update itself on a quantized kernel (Keras's
     # quantized call assumes the kernel's last axis is an output axis).
-    import keras
-
-    from keras_gemma.layers.projection import project
-    from keras_gemma.layers.projection import projection
 
     layer = projection(
         equation,
@@ -157,7 +157,7 @@ def test_update_on_an_int8_kernel_is_alpha_over_rank_a_b(equation, output_shape,
         "q",
     )
     layer.build((None, None, input_dim))
-    layer.quantize("int8")
+    layer.quantize("int8", config=quantization_config("int8"))
     layer.enable_lora(2, lora_alpha=6.0)
     rng = np.random.default_rng(3)
     a = rng.normal(0, 0.3, layer.lora_kernel_a.shape).astype("float32")

@@ -113,15 +113,13 @@ def test_int8_presets_load_without_ever_making_float_kernels(tmp_path, monkeypat
     no float array read or cast on its way into one, ever has the shape of a
     quantized kernel (a float-then-quantize loader makes both). The same
     code path on every backend."""
-    from keras.src.backend.common import variables as keras_variables
-
     from keras_gemma.checkpoints import _io
 
     lm = GemmaCausalLM(make_backbone("gqa", seed=4), GemmaCausalLMPreprocessor(tokenizer, 24))
     lm.quantize("int8")
     lm.save_to_preset(tmp_path / "int8")
     created, cast = [], []
-    init, cast_array = keras_variables.Variable.__init__, _io._cast
+    init, cast_array = keras.Variable.__init__, _io._cast
 
     def recording_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
@@ -131,7 +129,7 @@ def test_int8_presets_load_without_ever_making_float_kernels(tmp_path, monkeypat
         cast.append((tuple(array.shape), np.dtype(array.dtype).name))
         return cast_array(array, dtype)
 
-    monkeypatch.setattr(keras_variables.Variable, "__init__", recording_init)
+    monkeypatch.setattr(keras.Variable, "__init__", recording_init)
     monkeypatch.setattr(_io, "_cast", recording_cast)
     restored = GemmaCausalLM.from_preset(tmp_path / "int8")
     monkeypatch.undo()

@@ -202,3 +202,16 @@ def test_one_beam_is_greedy_search(small_vocabulary_lm):
     for num_beams in (0, 1.0):
         with pytest.raises(ValueError, match="`num_beams` must be a positive integer"):
             BeamSampler(num_beams=num_beams)
+
+
+def test_a_seeded_sampler_draws_with_its_settings_at_the_time():
+    """Changing `k` after a draw takes effect (TensorFlow compiles the seeded
+    draw once, holding `k` as a constant unless it is rebuilt)."""
+    sampler = TopKSampler(k=8, seed=0)
+    batch = keras.ops.convert_to_tensor(np.tile(LOGITS, (256, 1)))
+    probabilities = sampler.compute_probabilities(batch)
+    tokens, _ = sampler._draw(probabilities, sampler.initial_seed())
+    assert len(np.unique(to_numpy(tokens))) > 2
+    sampler.k = 1
+    tokens, _ = sampler._draw(probabilities, sampler.initial_seed())
+    np.testing.assert_array_equal(to_numpy(tokens), LOGITS.argmax())

@@ -110,18 +110,18 @@ def compile_stateless(fn, model, whole_loop=True):
 
 
 def compile_random_draw(fn):
-    """`fn(*tensors)`, a seeded random draw, so that it draws the same numbers
-    inside and outside a compiled generate loop.
+    """Wraps `fn(*tensors)`, a seeded random draw, so that it draws the same
+    numbers inside and outside a compiled generate loop.
 
     TensorFlow's stateless random ops have separate XLA lowerings that draw
     other numbers from the same seed (`StatelessMultinomial`, behind
     `keras.random.categorical`, is a Gumbel-max over XLA's own uniforms under
     XLA, an inverse CDF in the CPU kernel). `compile_stateless` runs
-    `generate`'s whole loop under XLA but a streaming step without it (XLA
-    recompiles that step for every index, seconds each), so on
-    TensorFlow the draw itself is always XLA-compiled: inlined into an XLA
-    loop, its own small cluster in a streaming step or a non-XLA loop. JAX
-    and PyTorch draw the same numbers either way: `fn` unchanged.
+    `generate`'s whole loop under XLA but a streaming step without it (under
+    XLA that step would recompile for every index), so on TensorFlow the
+    draw itself is always XLA-compiled: inlined into an XLA loop, its own
+    small cluster in a streaming step or a non-XLA loop. JAX and PyTorch
+    draw the same numbers either way: `fn` unchanged.
     """
     if keras.config.backend() != "tensorflow":
         return fn
