@@ -54,6 +54,9 @@ def test_rank_and_alpha_boundaries():
     assert lora.lora_state(backbone) is None
     backbone.enable_lora(1)  # the smallest rank is allowed; alpha defaults to it
     assert lora.lora_state(backbone) == (1, 1.0, lora.DEFAULT_TARGETS)
+    rank_two = _tiny()
+    rank_two.enable_lora(2)
+    assert lora.lora_state(rank_two) == (2, 2.0, lora.DEFAULT_TARGETS)
     # Only weight-only int8 on torch is refused before `fit`; a float base trains.
     lora.check_trainable_through_int8(backbone)
 
