@@ -171,6 +171,19 @@ def run_tests(package_parent, tests_dir, tests, timeout):
     return result.returncode
 
 
+def _copy_folder(folder, commit, destination):
+    """Copies the repository's `folder` into `destination`: as of `commit`, or
+    the working tree's when `commit` is None."""
+    os.makedirs(destination, exist_ok=True)
+    if not commit:
+        shutil.copytree(os.path.join(ROOT, folder), os.path.join(destination, folder))
+        return
+    archive = subprocess.run(
+        ["git", "archive", commit, folder], cwd=ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", destination], input=archive, check=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", type=int, default=40, help="mutants to run")
@@ -192,30 +205,10 @@ def main():
     work = tempfile.mkdtemp(prefix="mutation_")
     try:
         tests_dir = os.path.join(work, "tests")
-        if args.tests_from:
-            os.makedirs(tests_dir)
-            archive = subprocess.run(
-                ["git", "archive", args.tests_from, "tests"],
-                cwd=ROOT,
-                capture_output=True,
-                check=True,
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", work], input=archive, check=True)
-        else:
-            shutil.copytree(os.path.join(ROOT, "tests"), tests_dir)
+        _copy_folder("tests", args.tests_from, work)
         tests = [t for t in args.tests if os.path.exists(os.path.join(work, t))]
         package = os.path.join(work, "pkg")
-        if args.package_from:
-            os.makedirs(package)
-            archive = subprocess.run(
-                ["git", "archive", args.package_from, "keras_gemma"],
-                cwd=ROOT,
-                capture_output=True,
-                check=True,
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", package], input=archive, check=True)
-        else:
-            shutil.copytree(os.path.join(ROOT, "keras_gemma"), os.path.join(package, "keras_gemma"))
+        _copy_folder("keras_gemma", args.package_from, package)
         # The unmutated sources, read from the copy that is mutated.
         sources = {t: open(os.path.join(package, t)).read() for t in TARGETS}
 
