@@ -49,18 +49,18 @@ def test_prefill_and_steps_equal_the_keras_forward(monkeypatch, variant, native)
     length = 8
     ours, our_logits = decoder.prefill(ids, length, length - 1)
     theirs, their_logits = keras_decoder.prefill(ids, length, length - 1)
-    # The bfloat16 paths round alike (their logits agree exactly here). With
-    # int8 they dequantize differently; with u = 2**-8, bfloat16's unit
-    # roundoff: Keras on torch rounds each weight q / s to bfloat16 (within u,
-    # errors of either sign that mostly cancel in a sum), we scale the float32
-    # sum of x * q by 1 / s rounded to bfloat16 (within u of the product, one
-    # sign per channel). So each of the 7 products of a block, the embedding
-    # lookup and the logits departs by about u (at most 4u of sum |x * w|:
-    # `test_bfloat16_int8_products_are_within_four_roundings_of_keras`), and
-    # to first order the departures add along the 7 * layers + 2 of them (an
-    # estimate relative to the largest logit, not a proof; 0.049 measured).
-    # Nothing else differs, whatever ran before: rounding the decoder's
-    # weights, lookups and logits as Keras does makes the logits equal.
+    # The bfloat16 paths round alike. With int8 they dequantize differently;
+    # with u = 2**-8, bfloat16's unit roundoff: Keras on torch rounds each
+    # weight q / s to bfloat16 (within u, errors of either sign that mostly
+    # cancel in a sum), we scale the float32 sum of x * q by 1 / s rounded to
+    # bfloat16 (within u of the product, one sign per channel). So each of the 7
+    # products of a block, the embedding lookup and the logits departs by about
+    # u (at most 4u of sum |x * w|:
+    # `test_bfloat16_int8_products_are_within_four_roundings_of_keras`), and to
+    # first order the departures add along the 7 * layers + 2 of them (an
+    # estimate relative to the largest logit, not a proof). Nothing else
+    # differs: rounding the decoder's weights, lookups and logits as Keras does
+    # makes the logits equal.
     int8_drift = (7 * lm.backbone.num_layers + 2) * 2.0**-8
     tolerance = {"bfloat16_int8": int8_drift, "bfloat16": 2e-2, "mixed_bfloat16": 2e-2}
     tolerance = tolerance.get(variant, 1e-4)
