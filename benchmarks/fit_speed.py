@@ -3,6 +3,7 @@ same run, interleaved, on one backend per process.
 
     python benchmarks/fit_speed.py                      # all three backends
     python benchmarks/fit_speed.py --backend torch --rounds 5
+    python benchmarks/fit_speed.py --backend torch --mode full --jit-compile
 
 Config (from the project's issues): vocabulary 32000, 6 layers, 8 query heads,
 1 key/value head, hidden 512, intermediate 4096, head dim 64, float32; batch
@@ -38,7 +39,7 @@ CONFIG = dict(
 BATCH, LENGTH = 4, 128
 
 
-def _child(mode, rounds, steps):
+def _child(mode, rounds, steps, jit_compile):
     import keras
     import keras_hub
     import numpy as np
@@ -55,7 +56,7 @@ def _child(mode, rounds, steps):
     for lm in models.values():
         if mode == "lora":
             lm.backbone.enable_lora(rank=4)
-        lm.compile(optimizer=keras.optimizers.Adam(1e-4))
+        lm.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit_compile or "auto")
     rng = np.random.default_rng(0)
     x = {
         "token_ids": rng.integers(3, 32000, (BATCH, LENGTH)).astype("int32"),
@@ -63,8 +64,11 @@ def _child(mode, rounds, steps):
     }
     y = rng.integers(3, 32000, (BATCH, LENGTH)).astype("int32")
     weights = np.ones((BATCH, LENGTH), "float32")
-    for lm in models.values():
+    first_step = {}
+    for name, lm in models.items():
+        start = time.perf_counter()
         lm.train_on_batch(x, y, sample_weight=weights)  # compile
+        first_step[name] = time.perf_counter() - start
     times = {name: [] for name in models}
     for round_index in range(rounds):
         order = list(models) if round_index % 2 == 0 else list(models)[::-1]
@@ -78,6 +82,7 @@ def _child(mode, rounds, steps):
     result["ratio"] = statistics.median(ratios)
     result["ratio_range"] = [min(ratios), max(ratios)]
     result["jit_compile"] = {name: bool(lm.jit_compile) for name, lm in models.items()}
+    result["first_step_s"] = first_step
     return result
 
 
@@ -87,20 +92,30 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--mode", choices=["lora", "full"], action="append")
+    parser.add_argument(
+        "--jit-compile",
+        action="store_true",
+        help="compile both models' train step (on torch: torch.compile; the first step "
+        "then takes minutes)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("@@" + json.dumps(_child(args.child, args.rounds, args.steps)))
+        print("@@" + json.dumps(_child(args.child, args.rounds, args.steps, args.jit_compile)))
         return
     print(describe_cpu())
     print(f"load average at start: {os.getloadavg()}")
     header = f"{'backend':<11} {'mode':<5} {'ours tok/s':>11} {'keras-hub':>10} {'ratio':>6}"
-    print(f"{header}  (ratio: median of {args.rounds} rounds, their range; XLA)")
+    print(
+        f"{header}  (ratio: median of {args.rounds} rounds, their range; "
+        "compiled; first step ours/keras-hub)"
+    )
     for backend in args.backend or ["jax", "torch", "tensorflow"]:
         for mode in args.mode or ["lora", "full"]:
             env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
             command = [sys.executable, __file__, "--child", mode]
             command += ["--rounds", str(args.rounds), "--steps", str(args.steps)]
+            command += ["--jit-compile"] if args.jit_compile else []
             output = subprocess.run(command, env=env, capture_output=True, text=True)
             lines = [line for line in output.stdout.splitlines() if line.startswith("@@")]
             if not lines:
@@ -108,12 +123,14 @@ def main():
                 continue
             result = json.loads(lines[-1][2:])
             ours, hub, (low, high) = result["ours"], result["keras_hub"], result["ratio_range"]
+            first = result["first_step_s"]
             jit = "/".join(
                 "yes" if result["jit_compile"][k] else "no" for k in ("ours", "keras_hub")
             )
             print(
                 f"{backend:<11} {mode:<5} {ours:>11.0f} {hub:>10.0f} {result['ratio']:>6.2f}"
-                f"  ({low:.2f}-{high:.2f}; {jit})",
+                f"  ({low:.2f}-{high:.2f}; {jit}; first step "
+                f"{first['ours']:.0f}/{first['keras_hub']:.0f} s)",
                 flush=True,
             )
     print(f"load average at end: {os.getloadavg()}")
