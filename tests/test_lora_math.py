@@ -151,7 +151,6 @@ def test_older_format_updates_are_the_transposes_of_todays():
 def test_update_on_an_int8_kernel_is_alpha_over_rank_a_b(equation, output_shape, input_dim):
     # `project` computes the update itself on a quantized kernel (Keras's
     # quantized call assumes the kernel's last axis is an output axis).
-
     layer = projection(
         equation,
         output_shape,

@@ -29,10 +29,10 @@ sequence). One table holds every model; `stage2_curves.png` plots both RLHF
 runs' reward, KL and loss, and each recipe's directory has its own curves.
 
 Each step is one of the recipes, run in this process, seeded by `--seed`, so
-the same command reproduces the table on the same kind of CPU (another
-vector width, AVX2 against AVX-512, changes XLA's float sums and so the
-trained weights). Rerunning it after a kill skips
-finished steps and resumes the interrupted one from its last backup.
+the same command reproduces the table on the same kind of CPU (XLA compiles
+float sums for the CPU's vector width, so an AVX2 host trains slightly other
+weights than an AVX-512 one). Rerunning it after a kill skips finished steps
+and resumes the interrupted one from its last backup.
 `--tiny` runs a miniature (about a minute a stage) for tests.
 `--save-preset DIR` copies the final model there with a README naming the
 command that made it: the SFT model, or with `--stage 2` the best stage-2
