@@ -22,16 +22,8 @@ import sys
 import time
 
 from _machine import describe_cpu
+from fit_speed import CONFIG  # the issues' small config, defined once
 
-CONFIG = dict(
-    vocabulary_size=32000,
-    num_layers=6,
-    num_query_heads=8,
-    num_key_value_heads=1,
-    hidden_dim=512,
-    intermediate_dim=4096,
-    head_dim=64,
-)
 PROMPT_LENGTH, NEW_TOKENS = 32, 32
 PREFILL_LENGTH = 512
 

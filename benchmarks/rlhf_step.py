@@ -33,27 +33,9 @@ import statistics
 import time
 
 from _machine import describe_cpu
+from fit_speed import CONFIG as SMALL  # the issues' small config, defined once
 
-CONFIGS = {
-    "small": dict(
-        vocabulary_size=32000,
-        num_layers=6,
-        num_query_heads=8,
-        num_key_value_heads=1,
-        hidden_dim=512,
-        intermediate_dim=4096,
-        head_dim=64,
-    ),
-    "2b": dict(
-        vocabulary_size=256000,
-        num_layers=18,
-        num_query_heads=8,
-        num_key_value_heads=1,
-        hidden_dim=2048,
-        intermediate_dim=32768,
-        head_dim=256,
-    ),
-}
+CONFIGS = ("small", "2b")
 
 
 class IdTokenizer:
@@ -86,9 +68,10 @@ def run(args):
     from keras_gemma import GemmaCausalLMPreprocessor
     from keras_gemma import samplers
     from keras_gemma.alignment.rloo import GemmaPolicyOptimizer
+    from keras_gemma.presets import preset_config
 
     keras.utils.set_random_seed(0)
-    config = CONFIGS[args.config]
+    config = SMALL if args.config == "small" else preset_config("gemma_2b_en").to_dict()
     backbone = GemmaBackbone(**config, dtype=args.dtype)
     if args.lora_rank:
         backbone.enable_lora(args.lora_rank)
@@ -165,7 +148,7 @@ def main():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--backend", choices=["jax", "torch", "tensorflow"], default="torch")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--config", choices=CONFIGS, default="small")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--lora-rank", type=int, default=0)
     parser.add_argument("--prompts", type=int, default=4)
