@@ -112,6 +112,14 @@ def test_predict_returns_one_float_per_row(tokenizer):
     assert model.predict({"messages": conversations}, verbose=0).shape == (4,)
 
 
+def test_predict_names_the_accepted_inputs(tokenizer):
+    model = _model(tokenizer)
+    with pytest.raises(ValueError, match=r"\{'prompts', 'responses'\}.*Received keys \['prompt'"):
+        model.predict({"prompt": ["q"], "responses": ["a"]}, verbose=0)
+    with pytest.raises(ValueError, match="same length"):
+        model.predict({"prompts": ["q", "r"], "responses": ["a"]}, verbose=0)
+
+
 def test_conversations_end_with_end_of_turn_then_eos(tokenizer):
     def conversation(prompt, reply):
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]

@@ -20,7 +20,6 @@ from keras_gemma import lora
 from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.data import PreprocessedBatches
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
-from keras_gemma.preprocessor import as_string_list
 from keras_gemma.presets import PRESETS
 
 HEAD_FILE = "reward_head.safetensors"
@@ -472,25 +471,13 @@ class GemmaRewardModel(keras.Model):
         """`{"prompts", "responses"}`, `{"messages"}` or a list of texts as
         `{"token_ids", "padding_mask"}`, each row ending with `<eos>`."""
         self._require_preprocessor("`predict`")
-        if isinstance(x, dict) and "messages" in x:
-            examples = self.preprocessor.tokenize_examples({"messages": x["messages"]})
-        elif isinstance(x, dict):
-            missing = {"prompts", "responses"} - set(x)
-            if missing or len(x) != 2:
-                raise ValueError(
-                    "Rewards are predicted for {'prompts', 'responses'}, {'messages'}, a list "
-                    f"of texts or {{'token_ids', 'padding_mask'}}. Received keys {sorted(x)}."
-                )
-            prompts, _ = as_string_list(x["prompts"], "`prompts`")
-            responses, _ = as_string_list(x["responses"], "`responses`")
-            if len(prompts) != len(responses):
-                raise ValueError(
-                    "`prompts` and `responses` must have the same length. Received "
-                    f"{len(prompts)} prompts and {len(responses)} responses."
-                )
-            examples = _examples(self.preprocessor, prompts, responses)
-        else:
-            examples = _examples(self.preprocessor, None, as_string_list(x, "The texts")[0])
+        if isinstance(x, dict) and set(x) not in ({"prompts", "responses"}, {"messages"}):
+            raise ValueError(
+                "Rewards are predicted for {'prompts', 'responses'}, {'messages'}, a list "
+                f"of texts or {{'token_ids', 'padding_mask'}}. Received keys {sorted(x)}."
+            )
+        # The preprocessor checks the texts and tokenizes them as SFT does.
+        examples = self.preprocessor.tokenize_examples(x)
         tokenizer = self.preprocessor.tokenizer
         token_ids, padding_mask, _ = pad_examples(
             examples,
