@@ -22,8 +22,8 @@ from reward_model import read_preference_data  # noqa: E402
 
 import keras_gemma  # noqa: E402
 from keras_gemma.alignment.policy import completion_log_probs  # noqa: E402
+from keras_gemma.alignment.preferences import preference_batch  # noqa: E402
 from keras_gemma.alignment.reward_model import GemmaRewardModel  # noqa: E402
-from keras_gemma.alignment.reward_model import preference_batch  # noqa: E402
 
 
 def reward_model_scores(preset, data, sequence_length):

@@ -14,8 +14,8 @@ from helpers import to_numpy
 from keras_gemma import GemmaCausalLM
 from keras_gemma import GemmaCausalLMPreprocessor
 from keras_gemma import GemmaTokenizer
+from keras_gemma.alignment.preferences import check_preferences
 from keras_gemma.alignment.reward_model import GemmaRewardModel
-from keras_gemma.alignment.reward_model import check_preferences
 from keras_gemma.alignment.reward_model import check_same_tokenizer
 from keras_gemma.tokenizer import train_sentencepiece
 

@@ -37,8 +37,8 @@ import recipe_common  # sets the backend from --backend before Keras loads
 from recipe_common import np
 
 import keras_gemma
+from keras_gemma.alignment.preferences import check_preferences
 from keras_gemma.alignment.reward_model import GemmaRewardModel
-from keras_gemma.alignment.reward_model import check_preferences
 from keras_gemma.chat import conversation_turns
 
 

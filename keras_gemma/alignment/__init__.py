@@ -12,8 +12,8 @@ from keras_gemma.alignment.policy import completion_log_probs
 from keras_gemma.alignment.policy import completion_mask
 from keras_gemma.alignment.policy import penalize_truncated
 from keras_gemma.alignment.policy import score_completions
+from keras_gemma.alignment.preferences import check_preferences
 from keras_gemma.alignment.reward_model import GemmaRewardModel
-from keras_gemma.alignment.reward_model import check_preferences
 from keras_gemma.alignment.reward_model import check_same_tokenizer
 from keras_gemma.alignment.rloo import GemmaPolicyOptimizer
 from keras_gemma.alignment.rloo import group_normalized_advantages

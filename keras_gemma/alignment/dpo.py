@@ -5,17 +5,12 @@ import contextlib
 import keras
 from keras import ops
 
-from keras_gemma import lora
 from keras_gemma.alignment.policy import ReferencePolicy
 from keras_gemma.alignment.policy import completion_log_probs
 from keras_gemma.alignment.policy import score_completions
-from keras_gemma.alignment.reward_model import check_preferences
-from keras_gemma.alignment.reward_model import default_optimizer
-from keras_gemma.alignment.reward_model import dropout_disabled
-from keras_gemma.alignment.reward_model import is_batched
-from keras_gemma.alignment.reward_model import preference_batch
-from keras_gemma.alignment.reward_model import preference_batches
-from keras_gemma.alignment.reward_model import reject_labels
+from keras_gemma.alignment.preferences import PreferenceModel
+from keras_gemma.alignment.preferences import check_preferences
+from keras_gemma.alignment.preferences import preference_batch
 
 REFERENCE_FIELDS = ("reference_chosen_logps", "reference_rejected_logps")
 
@@ -41,7 +36,7 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     return -ops.mean(ops.log_sigmoid(chosen - rejected)), chosen, rejected
 
 
-class GemmaDPO(keras.Model):
+class GemmaDPO(PreferenceModel):
     """Trains a `GemmaCausalLM` policy by DPO on preference pairs.
 
     `fit` takes the reward model's preference data (`{"prompts", "chosen",
@@ -91,6 +86,8 @@ class GemmaDPO(keras.Model):
     >>> round(history.history["loss"][0], 4)  # log 2: the policy is the reference
     0.6931
     """
+
+    default_learning_rate = 1e-6  # TRL's DPO default
 
     def __init__(self, policy, beta=0.1, reference="auto", disable_dropout=True, **kwargs):
         super().__init__(dtype=policy.dtype_policy, **kwargs)
@@ -177,13 +174,6 @@ class GemmaDPO(keras.Model):
             self._trackers[name].update_state(value)
         return ops.sum(ops.stack([loss, *map(ops.sum, self.losses)]))
 
-    def compile(self, optimizer="auto", **kwargs):
-        """`keras.Model.compile`; `"auto"` is AdamW at TRL's DPO learning rate
-        1e-6 (weight decay 0.01, none on norm scales). The loss is always DPO's."""
-        if optimizer == "auto":
-            optimizer = default_optimizer(1e-6)
-        super().compile(optimizer=optimizer, **kwargs)
-
     # Data.
 
     def _check(self, x):
@@ -194,41 +184,17 @@ class GemmaDPO(keras.Model):
                 f"Preference data has {present[0]!r} but not its partner: give both "
                 f"{list(REFERENCE_FIELDS)} (from `precompute_reference_log_probs`) or neither."
             )
+        if REFERENCE_FIELDS[0] not in data and self.reference is None:
+            self._reference_log_probs(None, None, None)  # raises, naming the fix
         return data
+
+    @property
+    def trained_backbone(self):
+        return self.policy.backbone
 
     def preprocess(self, batch):
         """A batch of preference data (a dict of lists) as model inputs."""
         return preference_batch(self.policy.preprocessor, self._check(batch), False)
-
-    def _batches(self, x, y, sample_weight, batch_size, shuffle):
-        reject_labels(y, sample_weight)
-        if is_batched(x):
-            return x
-        data = self._check(x)
-        if REFERENCE_FIELDS[0] not in data and self.reference is None:
-            self._reference_log_probs(None, None, None)  # raises, naming the fix
-        return preference_batches(data, self.preprocess, batch_size, shuffle)
-
-    def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
-        """`keras.Model.fit` on preference data (see `check_preferences`), or on
-        batches of `preprocess` outputs (a `PyDataset` or `tf.data`)."""
-        if not self.compiled:
-            self.compile()
-        lora.check_trainable_through_int8(self.policy.backbone)
-        batches = self._batches(x, y, sample_weight, batch_size, kwargs.pop("shuffle", True))
-        if kwargs.get("validation_data") is not None:
-            kwargs["validation_data"] = self._batches(
-                kwargs["validation_data"], None, None, batch_size, False
-            )
-        context = dropout_disabled(self) if self.disable_dropout else contextlib.nullcontext()
-        with context:
-            return super().fit(batches, **kwargs)
-
-    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
-        """DPO loss and implicit-reward metrics on held-out preference data."""
-        if not self.compiled:
-            self.compile()
-        return super().evaluate(self._batches(x, y, sample_weight, batch_size, False), **kwargs)
 
     def precompute_reference_log_probs(self, x, batch_size=32):
         """`x` plus `reference_chosen_logps` and `reference_rejected_logps`.
