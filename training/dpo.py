@@ -30,7 +30,6 @@ resumes from the last epoch's backup (the reference is the preset again).
 """
 
 import argparse
-import json
 import time
 
 import recipe_common  # sets the backend from --backend before Keras loads
@@ -88,14 +87,11 @@ def main(argv=None, callbacks=()):
     print(
         f"DPO: {recipe_common.model_summary_line(policy)} pairs={len(data['chosen'])} "
         f"beta={args.beta} reference={args.reference} "
-        f"trainable={preference_recipe.trainable_count(dpo):,}"
+        f"trainable={recipe_common.trainable_count(dpo):,}"
     )
     recipe_common.train(dpo, data, dpo.preprocess, args, cluster, callbacks, "training")
     if held_out is not None:
-        metrics = dpo.evaluate(held_out, batch_size=args.batch_size, verbose=0, return_dict=True)
-        print("held-out: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if cluster.is_chief:
-            (args.output / "validation.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        recipe_common.evaluate_held_out(dpo, held_out, args, cluster)
     recipe_common.save_result(policy, args, cluster, preset)
     return preset
 

@@ -20,6 +20,7 @@ and ends with the same weights.
 """
 
 import csv
+import json
 import os
 import pathlib
 import shutil
@@ -436,6 +437,24 @@ def save_result(model, args, cluster, preset):
     model.save_to_preset(preset)
     finish(args.output)
     print(f"saved {preset}")
+
+
+def trainable_count(model):
+    """How many weights `fit` updates."""
+    return sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+
+
+def evaluate_held_out(model, data, args, cluster):
+    """Evaluates `model` on held-out `data`, prints the metrics and, on the
+    chief, writes them atomically to `validation.json` in `--output`."""
+    metrics = model.evaluate(data, batch_size=args.batch_size, verbose=0, return_dict=True)
+    print("held-out: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    if cluster.is_chief:
+        path = args.output / "validation.json"
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(temporary, path)
+    return metrics
 
 
 def finish(output):

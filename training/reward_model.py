@@ -34,7 +34,6 @@ import json
 import pathlib
 
 import recipe_common  # sets the backend from --backend before Keras loads
-from recipe_common import np
 
 import keras_gemma
 from keras_gemma.alignment.preferences import check_preferences
@@ -140,10 +139,6 @@ def enable_lora(model, args):
         model.backbone.enable_lora(args.lora_rank, target_layer_names=args.lora_targets.split(","))
 
 
-def trainable_count(model):
-    return sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-
-
 def main(argv=None, callbacks=()):
     """Runs the recipe; `callbacks` are extra Keras callbacks for `fit` (tests use them)."""
     args = parse_args(argv)
@@ -162,15 +157,12 @@ def main(argv=None, callbacks=()):
     enable_lora(model, args)
     print(
         f"reward model: {recipe_common.model_summary_line(model)} pairs={len(data['chosen'])} "
-        f"trainable={trainable_count(model):,}"
+        f"trainable={recipe_common.trainable_count(model):,}"
     )
     recipe_common.train(model, data, model.preprocess, args, cluster, callbacks, "training")
     if args.validation_data is not None:
         held_out = read_preference_data(args.validation_data)
-        metrics = model.evaluate(held_out, batch_size=args.batch_size, verbose=0, return_dict=True)
-        print("held-out: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if cluster.is_chief:
-            (args.output / "validation.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        recipe_common.evaluate_held_out(model, held_out, args, cluster)
     recipe_common.save_result(model, args, cluster, preset)
     return preset
 

@@ -200,7 +200,7 @@ def main(argv=None, callbacks=()):
     print(
         f"RLHF ({args.algorithm}): {recipe_common.model_summary_line(policy)} "
         f"prompts={len(prompts)} k={args.num_generations} reward={args.reward} "
-        f"trainable={preference_recipe.trainable_count(trainer):,}"
+        f"trainable={recipe_common.trainable_count(trainer):,}"
     )
     safety = []
     if args.target_kl is not None:

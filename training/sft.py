@@ -181,7 +181,7 @@ def main(argv=None, callbacks=()):
         lm.backbone.enable_lora(args.lora_rank, target_layer_names=args.lora_targets.split(","))
     print(
         f"fine-tuning: {recipe_common.model_summary_line(lm)} examples={len(data)} "
-        f"trainable={sum(int(np.prod(v.shape)) for v in lm.trainable_variables):,}"
+        f"trainable={recipe_common.trainable_count(lm):,}"
     )
     batch_rows = FixedRows(lm.preprocessor, rows)
     recipe_common.train(lm, data, batch_rows, args, cluster, callbacks, "fine-tuning")
