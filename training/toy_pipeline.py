@@ -163,6 +163,8 @@ class Timer:
     def __call__(self, name, function, *arguments):
         # CPU seconds (all threads) next to wall seconds: on a shared machine
         # the wall time depends on what else runs.
+        if name in self.times:  # a second step of that name would overwrite its row
+            raise ValueError(f"The pipeline already timed a step named {name!r}.")
         start, cpu = time.perf_counter(), time.process_time()
         print(f"\n=== {name}", flush=True)
         value = function(*arguments)
@@ -288,7 +290,7 @@ def run_stage2(args, timed, results, tuned):
         results[name] = {
             **results.get(name, {}),
             **timed(
-                # SFT's second evaluation gets its own row in the timing table.
+                # SFT's second evaluation needs a name of its own (see Timer).
                 "evaluate sft again" if name == "sft" else f"evaluate {name}",
                 evaluate.main,
                 ["--preset", str(preset), "--output", str(out / f"eval2_{name}"), *evaluation],
