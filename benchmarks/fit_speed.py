@@ -15,6 +15,16 @@ Each round times `--steps` steps of each model, after a warm-up step
 (compilation) each, alternating which goes first; tokens/s is the median over
 rounds and the ratio is the median of the rounds' ratios, so load that drifts
 between rounds (a shared host) cancels out of it.
+
+The floor is timed beside them, written twice (3-D einsums as `EinsumDense`
+writes them, and 2-D matmuls; each round keeps the faster): the same step's
+matrix products (embedding lookup, attention and feed-forward projections,
+the attention's two batched products, the tied output projection, the LoRA
+adapters in LoRA mode), the same cross-entropy, accuracy and Adam through the
+same `train_on_batch`, and nothing else (no norms, rotary, attention softmax,
+GELU). A Gemma on the backend's own float32 kernels cannot do much better
+than that, so keras-hub's time over the floor's bounds the ratio any such
+implementation could reach against keras-hub (the "ceiling" column).
 """
 
 import argparse
@@ -39,6 +49,71 @@ CONFIG = dict(
 BATCH, LENGTH = 4, 128
 
 
+def _floor_model(keras, lora, einsum):
+    """The step's products, loss and optimizer alone (see the module docstring):
+    as 3-D einsums (as `EinsumDense` writes them) or as 2-D matmuls, whichever
+    the backend runs faster."""
+    ops = keras.ops
+    c = CONFIG
+    dim, heads, head_dim = c["hidden_dim"], c["num_query_heads"], c["head_dim"]
+    kv_dim, ffw = c["num_key_value_heads"] * head_dim, c["intermediate_dim"] // 2
+
+    class Floor(keras.Model):
+        def __init__(self):
+            super().__init__()
+            new = keras.initializers.RandomNormal(stddev=0.02)
+
+            def weight(*shape, trainable=not lora):
+                return self.add_weight(shape=shape, initializer=new, trainable=trainable)
+
+            self.table = weight(c["vocabulary_size"], dim)
+            self.blocks = []
+            for _ in range(c["num_layers"]):
+                block = dict(
+                    q=weight(dim, heads * head_dim), k=weight(dim, kv_dim), v=weight(dim, kv_dim),
+                    o=weight(heads * head_dim, dim), gate_up=weight(dim, 2 * ffw),
+                    down=weight(ffw, dim),
+                )  # fmt: skip
+                if lora:  # rank 4 on query and value, trainable
+                    for name, shape in dict(
+                        qa=(dim, 4), qb=(4, heads * head_dim), va=(dim, 4), vb=(4, kv_dim)
+                    ).items():
+                        block[name] = weight(*shape, trainable=True)
+                self.blocks.append(block)
+
+        def call(self, inputs):
+            def project(x, kernel):
+                if einsum:
+                    return ops.einsum("btd,df->btf", x, kernel)
+                rows = ops.reshape(x, (-1, x.shape[-1]))
+                return ops.reshape(ops.matmul(rows, kernel), (*x.shape[:-1], -1))
+
+            batch, length = inputs["token_ids"].shape
+            x = ops.take(self.table, inputs["token_ids"], axis=0)
+            for b in self.blocks:
+                q, k, v = project(x, b["q"]), project(x, b["k"]), project(x, b["v"])
+                if lora:
+                    q = q + project(project(x, b["qa"]), b["qb"])
+                    v = v + project(project(x, b["va"]), b["vb"])
+                q = ops.reshape(q, (batch, length, heads, head_dim))
+                scores = ops.einsum("bshd,btd->bhst", q, k)
+                attended = ops.einsum("bhst,btd->bshd", scores, v)
+                x = x + project(ops.reshape(attended, (batch, length, -1)), b["o"])
+                gate_up = project(x, b["gate_up"])
+                x = x + project(gate_up[..., :ffw] * gate_up[..., ffw:], b["down"])
+            if einsum:
+                return ops.einsum("btd,vd->btv", x, self.table)
+            return project(x, ops.transpose(self.table))
+
+    model = Floor()
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()],
+    )
+    return model
+
+
 def _child(mode, rounds, steps, jit_compile):
     import keras
     import keras_hub
@@ -57,6 +132,10 @@ def _child(mode, rounds, steps, jit_compile):
         if mode == "lora":
             lm.backbone.enable_lora(rank=4)
         lm.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=jit_compile or "auto")
+    for einsum in (False, True):
+        models[f"floor_{'einsum' if einsum else 'matmul'}"] = _floor_model(
+            keras, lora=mode == "lora", einsum=einsum
+        )
     rng = np.random.default_rng(0)
     x = {
         "token_ids": rng.integers(3, 32000, (BATCH, LENGTH)).astype("int32"),
@@ -81,6 +160,9 @@ def _child(mode, rounds, steps, jit_compile):
     ratios = [hub / ours for ours, hub in zip(times["ours"], times["keras_hub"])]
     result["ratio"] = statistics.median(ratios)
     result["ratio_range"] = [min(ratios), max(ratios)]
+    floor = [min(pair) for pair in zip(times.pop("floor_matmul"), times.pop("floor_einsum"))]
+    result["floor"] = BATCH * LENGTH / statistics.median(floor)
+    result["ceiling"] = statistics.median(hub / f for f, hub in zip(floor, times["keras_hub"]))
     result["jit_compile"] = {name: bool(lm.jit_compile) for name, lm in models.items()}
     result["first_step_s"] = first_step
     return result
@@ -106,6 +188,7 @@ def main():
     print(describe_cpu())
     print(f"load average at start: {os.getloadavg()}")
     header = f"{'backend':<11} {'mode':<5} {'ours tok/s':>11} {'keras-hub':>10} {'ratio':>6}"
+    header += f" {'floor':>6} {'ceiling':>7}"
     print(
         f"{header}  (ratio: median of {args.rounds} rounds, their range; "
         "compiled; first step ours/keras-hub)"
@@ -129,6 +212,7 @@ def main():
             )
             print(
                 f"{backend:<11} {mode:<5} {ours:>11.0f} {hub:>10.0f} {result['ratio']:>6.2f}"
+                f" {result['floor']:>6.0f} {result['ceiling']:>7.2f}"
                 f"  ({low:.2f}-{high:.2f}; {jit}; first step "
                 f"{first['ours']:.0f}/{first['keras_hub']:.0f} s)",
                 flush=True,
