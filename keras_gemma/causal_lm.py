@@ -16,6 +16,7 @@ from keras_gemma.generation import Generator
 from keras_gemma.generation import check_token_ids
 from keras_gemma.layers.projection import quantization_config
 from keras_gemma.losses import chunked_cross_entropy
+from keras_gemma.losses import take_labels
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.preprocessor import as_string_list
 from keras_gemma.presets import PRESETS
@@ -33,9 +34,7 @@ def token_log_probabilities(logits, target_ids):
     >>> round(float(token_log_probabilities(logits, np.array([[1]]))[0, 0]), 4)
     -0.2877
     """
-    log_probabilities = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
-    target_ids = ops.cast(target_ids, "int32")[..., None]
-    return ops.take_along_axis(log_probabilities, target_ids, axis=-1)[..., 0]
+    return take_labels(ops.log_softmax(ops.cast(logits, "float32"), axis=-1), target_ids)
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")

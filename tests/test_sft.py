@@ -12,6 +12,7 @@ from keras_gemma import GemmaCausalLM
 from keras_gemma import GemmaCausalLMPreprocessor
 from keras_gemma import token_log_probabilities
 from keras_gemma.losses import chunked_cross_entropy
+from keras_gemma.losses import take_labels
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},
@@ -135,6 +136,31 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients():
     assert_close(chunked_value, plain_value, atol=1e-5, rtol=1e-6)
     for a, b in zip(chunked_grads, plain_grads):
         _assert_gradients_close(a, b)
+
+
+def test_take_labels_picks_by_label_and_scatters_its_gradient():
+    rng = np.random.default_rng(3)
+    values = keras.Variable(rng.standard_normal((2, 3, 5)).astype("float32"))
+    labels = rng.integers(0, 5, (2, 3))
+    coefficients = rng.standard_normal((2, 3)).astype("float32")
+    # Independent truth: numpy's indexing, and the gradient scattered by hand.
+    expected = np.take_along_axis(to_numpy(values), labels[..., None], -1)[..., 0]
+    np.testing.assert_array_equal(to_numpy(take_labels(to_numpy(values), labels)), expected)
+    weights = keras.ops.convert_to_tensor(coefficients)
+    _, [gradient] = value_and_gradients(
+        lambda: keras.ops.sum(take_labels(values.value, labels) * weights), [values]
+    )
+    expected_gradient = np.zeros((2, 3, 5), "float32")
+    np.put_along_axis(expected_gradient, labels[..., None], coefficients[..., None], -1)
+    np.testing.assert_allclose(gradient, expected_gradient, atol=1e-7)
+
+
+def test_take_labels_gives_nan_for_a_label_outside_the_vocabulary():
+    values = np.arange(6, dtype="float32").reshape(2, 3)
+    picked = to_numpy(take_labels(values, np.array([-1, 3])))
+    # Never the neighbouring row's value, which a flat index would read.
+    assert np.isnan(picked).all()
+    np.testing.assert_array_equal(to_numpy(take_labels(values, np.array([2, 0]))), [2.0, 3.0])
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients():

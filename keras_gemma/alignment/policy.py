@@ -90,7 +90,7 @@ def _log_probs_and_entropy(lm, token_ids, padding_mask, completion_mask):
 
     def log_probs_and_entropy(logits, targets):
         log_probabilities = ops.log_softmax(logits, axis=-1)
-        per_token = ops.take_along_axis(log_probabilities, targets[..., None], axis=-1)[..., 0]
+        per_token = losses.take_labels(log_probabilities, targets)
         entropy = -ops.sum(ops.exp(log_probabilities) * log_probabilities, axis=-1)
         return ops.stack([per_token, entropy], axis=-1)  # one tensor, as remat wants
 
