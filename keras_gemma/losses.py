@@ -12,12 +12,11 @@ LOGITS_BUDGET = 2**25
 def take_labels(values, labels):
     """`values[..., label]` at each position: `[..., n]` and `[...]` to `[...]`.
 
-    One gather on the flattened values, which runs forward and backward
-    faster than `ops.take_along_axis` on every backend (benchmarks/RESULTS.md;
-    TensorFlow's form of the latter is a general `gather_nd`). A label
-    outside `[0, n)` gives NaN, never another position's value. Shapes that
-    are unknown while tracing, or too large for int32 flat indices, fall back
-    to `take_along_axis`.
+    A label outside `[0, n)` gives NaN, never another position's value. On
+    TensorFlow it is one gather on the flattened values: Keras's
+    `take_along_axis` there is a general `gather_nd`, slower forward and
+    backward; on JAX and PyTorch `take_along_axis` is the faster one
+    (`benchmarks/loss_speed.py`).
 
     Example:
     >>> import numpy as np
@@ -27,12 +26,16 @@ def take_labels(values, labels):
     """
     shape = tuple(values.shape)
     labels = ops.cast(labels, "int32")
-    if None in shape or math.prod(shape) >= 2**31:
-        return ops.take_along_axis(values, labels[..., None], axis=-1)[..., 0]
     width = shape[-1]
     valid = (labels >= 0) & (labels < width)
-    rows = ops.reshape(ops.arange(math.prod(shape[:-1]), dtype="int32"), shape[:-1])
-    picked = ops.take(ops.reshape(values, (-1,)), rows * width + ops.clip(labels, 0, width - 1))
+    labels = ops.clip(labels, 0, width - 1)
+    # The flat index must fit int32, and the shape be known while tracing.
+    flat = None not in shape and math.prod(shape) < 2**31
+    if keras.config.backend() == "tensorflow" and flat:
+        rows = ops.reshape(ops.arange(math.prod(shape[:-1]), dtype="int32"), shape[:-1])
+        picked = ops.take(ops.reshape(values, (-1,)), rows * width + labels)
+    else:
+        picked = ops.take_along_axis(values, labels[..., None], axis=-1)[..., 0]
     return ops.where(valid, picked, float("nan"))
 
 
