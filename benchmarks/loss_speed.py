@@ -1,8 +1,9 @@
 """The cross-entropy's label gather, forward and backward, on every backend:
-`losses.take_labels` (one gather on the flattened logits) beside
-`ops.take_along_axis`, inside the same loss (log-sum-exp minus the label's
-logit, plus the accuracy's argmax) on `[4, 128, 32000]` float32 logits, the
-shape of `fit_speed.py`'s step.
+`losses.take_labels` (on TensorFlow one gather on the flattened logits, on
+JAX and PyTorch `take_along_axis` plus its out-of-vocabulary check) beside a
+bare `ops.take_along_axis`, inside the same loss (log-sum-exp minus the
+label's logit, plus the accuracy's argmax) on `[4, 128, 32000]` float32
+logits, the shape of `fit_speed.py`'s step.
 
     python benchmarks/loss_speed.py                  # all three backends
     python benchmarks/loss_speed.py --backend tensorflow --repeats 20
